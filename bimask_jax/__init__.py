@@ -1,0 +1,48 @@
+"""bimask-jax: Bi-Mask N:M sparse training (Zhang et al., ICML 2023) for JAX and Flax.
+
+The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendly):
+
+* masks: :func:`nm_mask`, :func:`forward_mask`, :func:`backward_mask`, :func:`transposable_mask`,
+  :func:`layer_masks`.
+* permutations: :func:`permutation_score`, :func:`search_permutation`, :func:`retained_upper_bound`,
+  :func:`search_efficacy`.
+* products with Bi-Mask's gradients: :func:`sparse_dense`, :func:`sparse_conv`.
+
+Kernel layout is Flax's: the last axis is the output axis C, every other axis is reduction; a conv
+kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``.
+"""
+
+from bimask_jax.masks import (
+    METHODS,
+    backward_mask,
+    forward_mask,
+    inverse_permutation,
+    layer_masks,
+    nm_mask,
+    transposable_mask,
+)
+from bimask_jax.ops import sparse_conv, sparse_dense
+from bimask_jax.permutation import (
+    permutation_score,
+    retained_upper_bound,
+    search_efficacy,
+    search_permutation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "backward_mask",
+    "forward_mask",
+    "inverse_permutation",
+    "layer_masks",
+    "nm_mask",
+    "permutation_score",
+    "retained_upper_bound",
+    "search_efficacy",
+    "search_permutation",
+    "sparse_conv",
+    "sparse_dense",
+    "transposable_mask",
+]

@@ -1,0 +1,235 @@
+"""Sparse Dense and Conv products with Bi-Mask's custom gradients (``jax.custom_vjp``).
+
+For a layer with kernel ``W``, forward mask ``Mf`` and backward mask ``Mb``:
+
+    y       = x @ (W * Mf)
+    dx      = g @ (W * Mb)^T                      (conv: the transposed conv with W * Mb)
+    dW      = x^T @ g + decay * (1 - Mf) * W      (dense straight-through + the SR-STE term)
+    dMf = dMb = 0
+
+Only the two bool masks are saved as residuals beside ``x`` and ``W`` (no float copies). Both ops
+work under ``jit``, ``vmap``, ``grad`` and ``remat``, with fp32 or bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from bimask_jax._checks import check_floating, check_mask, check_perm
+
+BACKENDS = ("xla",)
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _masked(kernel, mask, dtype):
+    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)).astype(dtype)
+
+
+def _srste_term(kernel, fwd, decay):
+    return decay * jnp.where(fwd, jnp.zeros((), kernel.dtype), kernel)
+
+
+# ----------------------------------------------------------------------------------------- dense
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sparse_dense(x, kernel, fwd, bwd, decay, precision):
+    dtype = jnp.result_type(x, kernel)
+    return jnp.matmul(x.astype(dtype), _masked(kernel, fwd, dtype), precision=precision)
+
+
+def _sparse_dense_fwd(x, kernel, fwd, bwd, decay, precision):
+    return _sparse_dense(x, kernel, fwd, bwd, decay, precision), (x, kernel, fwd, bwd)
+
+
+def _sparse_dense_bwd(decay, precision, res, g):
+    x, kernel, fwd, bwd = res
+    dtype = g.dtype
+    dx = jnp.matmul(g, _masked(kernel, bwd, dtype).T, precision=precision).astype(x.dtype)
+    k, c = kernel.shape
+    x2 = x.reshape(-1, k).astype(dtype)
+    g2 = g.reshape(-1, c)
+    dw = jnp.matmul(x2.T, g2, precision=precision, preferred_element_type=jnp.float32)
+    dw = (dw + _srste_term(kernel, fwd, decay).astype(jnp.float32)).astype(kernel.dtype)
+    return dx, dw, None, None
+
+
+_sparse_dense.defvjp(_sparse_dense_fwd, _sparse_dense_bwd)
+
+
+def sparse_dense(
+    x, kernel, fwd, bwd, decay: float = 2e-4, *, perm=None, precision=None, backend: str = "xla"
+):
+    """``x @ (kernel * fwd)`` with Bi-Mask's gradients.
+
+    Args:
+      x: floating ``(..., K)``; any number of batch axes.
+      kernel: floating ``(K, C)``.
+      fwd: bool ``(K, C)``, the forward mask.
+      bwd: bool ``(K, C)``, the mask of the backward-data product ``dx = g @ (kernel * bwd)^T``.
+      decay: the SR-STE coefficient lambda of ``decay * (1 - fwd) * kernel`` added to ``dkernel``.
+      perm: optional int ``(C,)``, the permutation under which ``bwd^T`` is N:M along C. Unused by
+        the ``"xla"`` backend (checked for shape when given).
+      precision: passed to the matmuls.
+      backend: ``"xla"``.
+
+    Returns:
+      ``(..., C)`` in ``result_type(x, kernel)``. Gradients: ``dx`` in ``x.dtype``, ``dkernel`` in
+      ``kernel.dtype`` (accumulated in fp32), none for the masks.
+    """
+    _check_backend(backend)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    check_floating("x", x)
+    check_floating("kernel", kernel)
+    if kernel.ndim != 2:
+        raise ValueError(f"kernel must be 2-D (K, C), got shape {kernel.shape}")
+    if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"x's last axis ({x.shape[-1] if x.ndim else None}) must equal kernel's K={kernel.shape[0]}"
+        )
+    check_mask("fwd", fwd, kernel.shape)
+    check_mask("bwd", bwd, kernel.shape)
+    if perm is not None:
+        check_perm(perm, kernel.shape[1])
+    return _sparse_dense(x, kernel, fwd, bwd, float(decay), precision)
+
+
+# ------------------------------------------------------------------------------------------ conv
+
+
+def _conv(x, w, strides, padding, lhs_dilation, rhs_dilation, precision):
+    nd = x.ndim
+    spatial = tuple(range(1, nd - 1))
+    dn = jax.lax.ConvDimensionNumbers(
+        lhs_spec=(0, nd - 1, *spatial),
+        rhs_spec=(nd - 1, nd - 2, *range(nd - 2)),
+        out_spec=(0, nd - 1, *spatial),
+    )
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dn,
+        precision=precision,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sparse_conv(x, kernel, fwd, bwd, decay, cfg):
+    dtype = jnp.result_type(x, kernel)
+    return _conv(x.astype(dtype), _masked(kernel, fwd, dtype), *cfg)
+
+
+def _sparse_conv_fwd(x, kernel, fwd, bwd, decay, cfg):
+    return _sparse_conv(x, kernel, fwd, bwd, decay, cfg), (x, kernel, fwd, bwd)
+
+
+def _sparse_conv_bwd(decay, cfg, res, g):
+    x, kernel, fwd, bwd = res
+    dtype = g.dtype
+    xs = jax.ShapeDtypeStruct(x.shape, dtype)
+    ws = jax.ShapeDtypeStruct(kernel.shape, dtype)
+    wb = _masked(kernel, bwd, dtype)
+    (dx,) = jax.linear_transpose(lambda x_: _conv(x_, wb, *cfg), xs)(g)
+    (dw,) = jax.linear_transpose(lambda w_: _conv(x.astype(dtype), w_, *cfg), ws)(g)
+    dw = dw.astype(jnp.float32) + _srste_term(kernel, fwd, decay).astype(jnp.float32)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype), None, None
+
+
+_sparse_conv.defvjp(_sparse_conv_fwd, _sparse_conv_bwd)
+
+
+def _tuple(name, v, nsp):
+    if isinstance(v, int):
+        return (v,) * nsp
+    v = tuple(int(i) for i in v)
+    if len(v) != nsp:
+        raise ValueError(f"{name} must be an int or a sequence of {nsp} ints, got {v}")
+    return v
+
+
+def sparse_conv(
+    x,
+    kernel,
+    fwd,
+    bwd,
+    decay: float = 2e-4,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    lhs_dilation: int | Sequence[int] = 1,
+    rhs_dilation: int | Sequence[int] = 1,
+    perm=None,
+    precision=None,
+    backend: str = "xla",
+):
+    """Channels-last convolution with ``kernel * fwd`` and Bi-Mask's gradients.
+
+    Dimension numbers are Flax's: ``x`` is ``(N, *spatial, Cin)`` (NHWC for 2-D), ``kernel`` is
+    ``(*window, Cin, C)`` (HWIO), the output is ``(N, *spatial', C)``. Any number of spatial axes.
+
+    Gradients: ``dx`` is the transposed convolution of ``g`` with ``kernel * bwd``; ``dkernel`` is the
+    usual (dense, straight-through) weight gradient plus ``decay * (1 - fwd) * kernel``; none for the
+    masks.
+
+    Args:
+      x: floating ``(N, *spatial, Cin)``.
+      kernel: floating ``(*window, Cin, C)``.
+      fwd, bwd: bool masks of ``kernel.shape``.
+      decay: SR-STE coefficient.
+      strides, padding, lhs_dilation (input dilation), rhs_dilation (kernel dilation): as in
+        ``jax.lax.conv_general_dilated``; padding is ``"SAME"``, ``"VALID"`` or per-axis pairs.
+      perm: optional int ``(C,)`` (for kernels backends; checked for shape when given).
+      backend: ``"xla"``.
+    """
+    _check_backend(backend)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    check_floating("x", x)
+    check_floating("kernel", kernel)
+    if kernel.ndim < 3:
+        raise ValueError(
+            f"kernel must be (*window, Cin, C) with >= 1 window axis, got {kernel.shape}"
+        )
+    if x.ndim != kernel.ndim:
+        raise ValueError(
+            f"x must be (N, *spatial, Cin) with {kernel.ndim - 2} spatial axes to match kernel "
+            f"{kernel.shape}, got shape {x.shape}"
+        )
+    if x.shape[-1] != kernel.shape[-2]:
+        raise ValueError(
+            f"x's channel axis ({x.shape[-1]}) must equal kernel's Cin={kernel.shape[-2]}"
+        )
+    check_mask("fwd", fwd, kernel.shape)
+    check_mask("bwd", bwd, kernel.shape)
+    if perm is not None:
+        check_perm(perm, kernel.shape[-1])
+    nsp = kernel.ndim - 2
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(
+                f"padding must be 'SAME', 'VALID', 'SAME_LOWER' or pairs, got {padding!r}"
+            )
+        pad = padding.upper()
+    else:
+        pad = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if len(pad) != nsp:
+            raise ValueError(f"padding must have {nsp} (low, high) pairs, got {padding}")
+    cfg = (
+        _tuple("strides", strides, nsp),
+        pad,
+        _tuple("lhs_dilation", lhs_dilation, nsp),
+        _tuple("rhs_dilation", rhs_dilation, nsp),
+        precision,
+    )
+    return _sparse_conv(x, kernel, fwd, bwd, float(decay), cfg)
