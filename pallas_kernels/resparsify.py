@@ -1,0 +1,163 @@
+"""Re-sparsify kernel: dense kernel ``W`` (K, C) + permutation -> both 2:4 compressed operands.
+
+One pass over ``W``: each program of the grid ``(K / block_k, C / block_c)`` reads the tile of rows
+``i*block_k ..`` and *permuted* columns ``perm[j*block_c ..]`` (gathered loads), as 64 phase tiles
+``T[a][b]`` of shape ``(block_k/8, block_c/8)``, ``T[a][b][r, s] = W[i*bk + 8r + a,
+perm[j*bc + 8s + b]]``, and computes
+
+* the forward mask ``Mf``: in every group of 4 consecutive rows, the 2 largest ``|W|`` (ties: lower
+  row); the forward operand ``compress(W*Mf, axis=0)`` -> ``fwd_values`` (K/2, C),
+  ``fwd_meta`` (K/8, C) (written back to the original columns ``perm[...]``, scattered stores);
+* the backward mask ``Mb`` in permuted column order: in every group of 4 consecutive permuted columns
+  of a row, the 2 largest ``|W*Mf|`` (ties: lower permuted index), AND ``Mf``; the backward operand
+  ``compress(((W*Mb)[:, perm]).T, axis=0)`` -> ``bwd_values`` (C/2, K), ``bwd_meta`` (C/8, K), as
+  ``spmm_bwd_data`` takes it;
+* ``fwd_mask`` = ``Mf`` (K, C) bool (the decay term of the kernel gradient needs it).
+
+K and C are zero-padded to the tile sizes (the padding is sliced off; padded groups get the pad
+nibble ``0b0100`` exactly as ``compress`` does, so ``K % 8 == 4`` matches ``compress`` byte for byte).
+Metadata positions of a group whose kept entries are partly zero follow the top-2 rule, not the
+nonzero pattern; ``decompress`` gives the same dense array either way.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels.format import nibble, select, slots_from_keep, top2_of_4
+from pallas_kernels.spmm import _next_pow2, _pad_to, _round_up, default_interpret
+
+
+class Resparsified(NamedTuple):
+    fwd_values: jax.Array  # (K/2, C)
+    fwd_meta: jax.Array  # (ceil(K/8), C) uint8
+    bwd_values: jax.Array  # (C/2, K)
+    bwd_meta: jax.Array  # (ceil(C/8), K) uint8
+    fwd_mask: jax.Array  # (K, C) bool
+
+
+def _resparsify_kernel(w_ref, perm_ref, fv_ref, fm_ref, bv_ref, bm_ref, mf_ref, *, bk, bc):
+    i, j = pl.program_id(0), pl.program_id(1)
+    qk, qc = bk // 8, bc // 8
+    shape = (qk, qc)
+    r_io = lax.broadcasted_iota(jnp.int32, shape, 0)  # r: row phase index
+    s_io = lax.broadcasted_iota(jnp.int32, shape, 1)  # s: column phase index
+    pcols = [jnp.broadcast_to(perm_ref[pl.ds(j * bc + b, qc, stride=8)][None, :], shape)
+             for b in range(8)]
+    rows = [i * bk + 8 * r_io + a for a in range(8)]
+    t = [[w_ref[rows[a], pcols[b]] for b in range(8)] for a in range(8)]
+
+    # forward: groups of 4 rows (a = 4e + p) in each column
+    wf = [[None] * 8 for _ in range(8)]
+    for b in range(8):
+        nibs = []
+        for e in range(2):
+            parts = [t[4 * e + p][b] for p in range(4)]
+            keep = top2_of_4([jnp.abs(x) for x in parts])
+            i0, i1 = slots_from_keep(keep)
+            for jj, idx in enumerate((i0, i1)):
+                fv_ref[i * (bk // 2) + 4 * r_io + 2 * e + jj, pcols[b]] = select(parts, idx)
+            nibs.append(nibble(i0, i1))
+            for p in range(4):
+                a = 4 * e + p
+                mf_ref[rows[a], pcols[b]] = keep[p]
+                wf[a][b] = jnp.where(keep[p], parts[p], jnp.zeros_like(parts[p]))
+        fm_ref[i * qk + r_io, pcols[b]] = (nibs[0] | (nibs[1] << 4)).astype(jnp.uint8)
+
+    # backward: groups of 4 permuted columns (b = 4e + p) of W*Mf in each row; stored transposed
+    for a in range(8):
+        nibs = []
+        for e in range(2):
+            parts = [wf[a][4 * e + p] for p in range(4)]
+            i0, i1 = slots_from_keep(top2_of_4([jnp.abs(x) for x in parts]))
+            for jj, idx in enumerate((i0, i1)):
+                bv_ref[j * (bc // 2) + 4 * s_io + 2 * e + jj, rows[a]] = select(parts, idx)
+            nibs.append(nibble(i0, i1))
+        bm_ref[j * qc + s_io, rows[a]] = (nibs[0] | (nibs[1] << 4)).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("bk", "bc", "interpret", "num_warps"))
+def _resparsify_padded(w, perm, *, bk, bc, interpret, num_warps):
+    kp, cp = w.shape
+    full = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
+    out_shapes = (
+        jax.ShapeDtypeStruct((kp // 2, cp), w.dtype),
+        jax.ShapeDtypeStruct((kp // 8, cp), jnp.uint8),
+        jax.ShapeDtypeStruct((cp // 2, kp), w.dtype),
+        jax.ShapeDtypeStruct((cp // 8, kp), jnp.uint8),
+        jax.ShapeDtypeStruct((kp, cp), jnp.bool_),
+    )
+    return pl.pallas_call(
+        functools.partial(_resparsify_kernel, bk=bk, bc=bc),
+        out_shape=out_shapes,
+        grid=(kp // bk, cp // bc),
+        in_specs=[full((kp, cp)), full((cp,))],
+        out_specs=tuple(full(s.shape) for s in out_shapes),
+        interpret=interpret,
+        compiler_params=None if interpret else pltr.CompilerParams(num_warps=num_warps),
+        name="resparsify24",
+    )(w, perm)
+
+
+def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool | None = None,
+               num_warps: int = 4) -> Resparsified:
+    """Both Bi-Mask 2:4 operands of a dense kernel in one pass (rules: module doc).
+
+    Args:
+      w: (K, C) float32 or bfloat16, K % 4 == 0 and C % 4 == 0 (conv kernels: flatten to
+        ``(prod(window)*Cin, C)`` first).
+      perm: int (C,), a permutation of ``range(C)`` (not checked; a repeated index leaves some
+        forward columns unwritten).
+      block_k, block_c: tile sizes, multiples of 8 (powers of two on GPU); shrunk for small inputs.
+      interpret: Pallas interpret mode; default: True unless the default backend is a GPU.
+      num_warps: Triton compiler parameter (GPU only).
+
+    Returns:
+      ``Resparsified(fwd_values, fwd_meta, bwd_values, bwd_meta, fwd_mask)``; feed
+      ``(fwd_values, fwd_meta)`` to ``spmm`` and ``(bwd_values, bwd_meta, perm)`` to
+      ``spmm_bwd_data``.
+    """
+    w, perm = jnp.asarray(w), jnp.asarray(perm)
+    if w.ndim != 2:
+        raise ValueError(f"w must be 2-D (K, C), got shape {w.shape}")
+    k, c = w.shape
+    if k % 4 or c % 4:
+        raise ValueError(f"w shape {w.shape}: K and C must both be divisible by m=4")
+    if perm.shape != (c,) or not jnp.issubdtype(perm.dtype, jnp.integer):
+        raise ValueError(f"perm must be an int array of shape ({c},), got {perm.dtype} {perm.shape}")
+    for name, b in (("block_k", block_k), ("block_c", block_c)):
+        if not isinstance(b, int) or b <= 0 or b % 8:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {b!r}")
+    if interpret is None:
+        interpret = default_interpret()
+    fit = (lambda n, b: min(b, _round_up(n, 8))) if interpret else (
+        lambda n, b: min(b, max(8, _next_pow2(n))))
+    bk, bc = fit(k, block_k), fit(c, block_c)
+    kp, cp = _round_up(k, bk), _round_up(c, bc)
+    wp = _pad_to(w, (kp, cp))
+    pp = jnp.concatenate([perm.astype(jnp.int32), jnp.arange(c, cp, dtype=jnp.int32)])
+    fv, fm, bv, bm, mf = _resparsify_padded(wp, pp, bk=bk, bc=bc, interpret=bool(interpret),
+                                            num_warps=num_warps)
+    return Resparsified(fv[: k // 2, :c], fm[: -(-k // 8), :c], bv[: c // 2, :k],
+                        bm[: -(-c // 8), :k], mf[:k, :c])
+
+
+def resparsify_reference(w, perm) -> Resparsified:
+    """jnp reference of ``resparsify`` built from ``format.top2_mask`` and ``format.compress``."""
+    from pallas_kernels.format import compress, top2_mask
+
+    w, perm = jnp.asarray(w), jnp.asarray(perm)
+    mf = top2_mask(w, axis=0)
+    wf = jnp.where(mf, w, jnp.zeros_like(w))
+    wfp = wf[:, perm]
+    mbp = top2_mask(wfp, axis=1)
+    fv, fm = compress(wf, axis=0, mask=mf)
+    bv, bm = compress(wfp.T, axis=0, mask=mbp.T)
+    return Resparsified(fv, fm, bv, bm, mf)
