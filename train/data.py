@@ -1,0 +1,451 @@
+"""Data pipelines: ImageFolder JPEG trees, CIFAR-10/100 python pickles, scikit-learn's bundled 8x8
+digits; grain ``MapDataset`` pipelines with deterministic per-element augmentation.
+
+Elements are dicts ``{"image": uint8 (H, W, C), "label": int32 (), "valid": bool ()}``; batches
+stack them along a new leading axis. ``valid`` is False for a corrupt JPEG skipped by
+``on_corrupt="skip"`` (its image is zeros) and for eval padding, so batch shapes never change and
+the loss and metrics ignore those rows. Normalisation to float happens on the device (uint8 moves
+4x fewer bytes host -> device).
+
+Determinism: the order of epoch ``e`` is a shuffle seeded by ``(seed, e)`` and the augmentation
+of element ``i`` is drawn from a generator seeded by ``(seed, e)`` and ``i`` (grain's
+``random_map``), so batch ``b`` of epoch ``e`` is a pure function of ``(seed, e, b)``: resuming at
+``(e, b)`` replays exactly, whatever the number of worker processes.
+
+This module imports no JAX: grain's worker processes (spawned) import it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets (random-access sources)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """An ImageFolder split: ``root/<class>/<file>``; classes sorted by name, label = index."""
+
+    root: str
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: np.ndarray  # int32 (N,)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Images held in memory: ``images`` uint8 (N, H, W, C), ``labels`` int32 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def scan_image_folder(root: str) -> ImageFolder:
+    """List ``root/<class>/*.<image ext>`` (sorted). ValueError when ``root`` is missing, has no
+    class folders, or a class folder holds no image."""
+    if not os.path.isdir(root):
+        raise ValueError(f"data directory {root!r} does not exist (or is not a directory)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"data directory {root!r} is empty: expected one sub-folder per class")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        files = sorted(
+            f.name for f in os.scandir(os.path.join(root, cls))
+            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise ValueError(f"class folder {os.path.join(root, cls)!r} holds no image "
+                             f"(extensions {IMAGE_EXTENSIONS})")
+        paths += [os.path.join(root, cls, f) for f in files]
+        labels += [label] * len(files)
+    return ImageFolder(root, tuple(classes), tuple(paths), np.asarray(labels, np.int32))
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> None:
+    """ValueError naming the classes present in only one of train / val."""
+    if tuple(train_classes) != tuple(val_classes):
+        only_t = sorted(set(train_classes) - set(val_classes))
+        only_v = sorted(set(val_classes) - set(train_classes))
+        raise ValueError(
+            "class folders differ between train and val: "
+            f"only in train {only_t[:10]}, only in val {only_v[:10]}"
+        )
+
+
+def find_val_split(root: str) -> str:
+    """The evaluation folder of an ImageFolder root: ``val`` or else ``test``."""
+    for name in ("val", "test"):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise ValueError(f"data directory {root!r} has no 'val' (or 'test') sub-folder")
+
+
+def is_cifar_pickle_dir(path: str) -> bool:
+    """True when ``path`` (or its ``cifar-10-batches-py`` / ``cifar-100-python`` child) holds the
+    official python-pickle release."""
+    return _cifar_pickle_root(path) is not None
+
+
+def _cifar_pickle_root(path: str) -> str | None:
+    for cand in (path, os.path.join(path, "cifar-10-batches-py"),
+                 os.path.join(path, "cifar-100-python")):
+        if os.path.isfile(os.path.join(cand, "data_batch_1")) or (
+            os.path.isfile(os.path.join(cand, "train")) and os.path.isfile(os.path.join(cand, "meta"))
+        ):
+            return cand
+    return None
+
+
+def _unpickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _cifar_arrays(d: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(data), np.asarray(d[key], np.int32)
+
+
+def load_cifar_pickle(path: str) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) from the official CIFAR-10 (``data_batch_1..5``, ``test_batch``,
+    ``batches.meta``) or CIFAR-100 (``train``, ``test``, ``meta``; fine labels) pickles."""
+    root = _cifar_pickle_root(path)
+    if root is None:
+        raise ValueError(f"{path!r} holds no CIFAR python-pickle files (data_batch_1 or train+meta)")
+    if os.path.isfile(os.path.join(root, "data_batch_1")):
+        parts = [_cifar_arrays(_unpickle(os.path.join(root, f"data_batch_{i}")), "labels")
+                 for i in range(1, 6) if os.path.isfile(os.path.join(root, f"data_batch_{i}"))]
+        train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        test = _cifar_arrays(_unpickle(os.path.join(root, "test_batch")), "labels")
+        meta = os.path.join(root, "batches.meta")
+        classes = tuple(_unpickle(meta)["label_names"]) if os.path.isfile(meta) else tuple(
+            str(i) for i in range(int(train[1].max()) + 1))
+    else:
+        train = _cifar_arrays(_unpickle(os.path.join(root, "train")), "fine_labels")
+        test = _cifar_arrays(_unpickle(os.path.join(root, "test")), "fine_labels")
+        classes = tuple(_unpickle(os.path.join(root, "meta"))["fine_label_names"])
+    return ArrayDataset(*train, classes), ArrayDataset(*test, classes)
+
+
+def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes, no download) as uint8
+    (N, 8, 8, 1) images (0..16 scaled to 0..255), split per class into train / test with a fixed
+    seed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = d.target.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        test_idx += list(rng.permutation(idx)[: int(round(len(idx) * test_fraction))])
+    test_mask = np.zeros(len(labels), bool)
+    test_mask[test_idx] = True
+    classes = tuple(str(i) for i in range(10))
+    return (ArrayDataset(images[~test_mask], labels[~test_mask], classes),
+            ArrayDataset(images[test_mask], labels[test_mask], classes))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and augmentation (numpy / PIL, run in grain workers)
+# --------------------------------------------------------------------------------------------
+
+
+def _as_rgb_array(img: Image.Image, channels: int) -> np.ndarray:
+    img = img.convert("RGB" if channels == 3 else "L")
+    arr = np.asarray(img, np.uint8)
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box ``(left, top, w, h)``: 10 tries at a random area
+    fraction in ``scale`` and log-uniform aspect ratio in ``ratio``, else a center crop clipped
+    to ``ratio``."""
+    area = width * height
+    log_r = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_r))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _draft(img: Image.Image, box_w: float, box_h: float, size: int):
+    """Let the JPEG decoder downscale by a power of 2 (DCT scaling) while the crop box keeps at
+    least ``size`` pixels per side; returns the scale factors applied (sx, sy)."""
+    w0, h0 = img.size
+    if img.format != "JPEG":
+        return 1.0, 1.0
+    reduce = 1
+    while reduce < 8 and min(box_w, box_h) / (reduce * 2) >= size:
+        reduce *= 2
+    if reduce > 1:
+        img.draft("RGB", (int(np.ceil(w0 / reduce)), int(np.ceil(h0 / reduce))))
+    return img.size[0] / w0, img.size[1] / h0
+
+
+@dataclass(frozen=True)
+class DecodeTrain:
+    """Decode a file element and apply the ImageNet training crop: RandomResizedCrop to ``size``
+    (bilinear, antialiased) and a horizontal flip with probability 1/2. Corrupt files: raise
+    (``on_corrupt="fail"``) or return zeros with ``valid=False`` (``"skip"``)."""
+
+    size: int
+    channels: int = 3
+    on_corrupt: str = "fail"
+    scale: tuple[float, float] = (0.08, 1.0)
+
+    def __call__(self, element, rng: np.random.Generator):
+        path, label = element
+        try:
+            with Image.open(path) as img:
+                left, top, w, h = random_resized_crop_box(*img.size, rng, self.scale)
+                sx, sy = _draft(img, w, h, self.size)
+                box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+                img = img.convert("RGB" if self.channels == 3 else "L")
+                img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+                arr = _as_rgb_array(img, self.channels)
+        except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt image
+            return _corrupt(path, e, self.on_corrupt, self.size, self.channels, label)
+        if rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return {"image": np.ascontiguousarray(arr), "label": np.int32(label), "valid": np.bool_(True)}
+
+
+@dataclass(frozen=True)
+class DecodeEval:
+    """Decode a file element and apply the eval transform: resize the shorter side to
+    ``resize`` then center-crop ``size`` (done as one antialiased resize of the matching box)."""
+
+    size: int
+    resize: int
+    channels: int = 3
+    on_corrupt: str = "fail"
+
+    def __call__(self, element):
+        path, label = element
+        try:
+            with Image.open(path) as img:
+                w0, h0 = img.size
+                crop = self.size * min(w0, h0) / self.resize  # crop side in original pixels
+                sx, sy = _draft(img, crop, crop, self.size)
+                left, top = (w0 - crop) / 2, (h0 - crop) / 2
+                box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+                img = img.convert("RGB" if self.channels == 3 else "L")
+                img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+                arr = _as_rgb_array(img, self.channels)
+        except Exception as e:  # noqa: BLE001
+            return _corrupt(path, e, self.on_corrupt, self.size, self.channels, label)
+        return {"image": arr, "label": np.int32(label), "valid": np.bool_(True)}
+
+
+def _corrupt(path, error, on_corrupt, size, channels, label):
+    if on_corrupt == "fail":
+        raise RuntimeError(
+            f"cannot decode image {path!r} ({type(error).__name__}: {error}); "
+            "pass --on-corrupt skip to skip (and count) unreadable images"
+        ) from error
+    return {"image": np.zeros((size, size, channels), np.uint8), "label": np.int32(label),
+            "valid": np.bool_(False)}
+
+
+def _load_small(path: str, size: int, channels: int) -> np.ndarray:
+    with Image.open(path) as img:
+        img = img.convert("RGB" if channels == 3 else "L")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return _as_rgb_array(img, channels)
+
+
+@dataclass(frozen=True)
+class SmallImage:
+    """Load a small image (CIFAR-style): an in-memory array or a file resized to ``size`` x
+    ``size``; with ``padding`` > 0 apply a random ``size`` crop of the zero-padded image, and a
+    horizontal flip with probability 1/2 when ``flip``. Called with ``rng=None`` (eval) it only
+    loads."""
+
+    size: int
+    channels: int = 3
+    padding: int = 0
+    flip: bool = False
+    on_corrupt: str = "fail"
+
+    def __call__(self, element, rng: np.random.Generator | None = None):
+        src, label = element
+        if isinstance(src, str):
+            try:
+                arr = _load_small(src, self.size, self.channels)
+            except Exception as e:  # noqa: BLE001
+                return _corrupt(src, e, self.on_corrupt, self.size, self.channels, label)
+        else:
+            arr = src
+        if rng is not None:
+            if self.padding:
+                p = self.padding
+                padded = np.pad(arr, ((p, p), (p, p), (0, 0)))
+                i, j = rng.integers(0, 2 * p + 1, size=2)
+                arr = padded[i : i + self.size, j : j + self.size]
+            if self.flip and rng.random() < 0.5:
+                arr = arr[:, ::-1]
+        return {"image": np.ascontiguousarray(arr), "label": np.int32(label), "valid": np.bool_(True)}
+
+
+class _EvalLoader:
+    """Picklable ``map`` wrapper calling an eval transform with no RNG."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, element):
+        return self.transform(element)
+
+
+# --------------------------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------------------------
+
+
+def elements(dataset: ImageFolder | ArrayDataset) -> list:
+    """The ``(image or path, label)`` pairs a transform consumes."""
+    if isinstance(dataset, ImageFolder):
+        return list(zip(dataset.paths, dataset.labels.tolist(), strict=True))
+    return list(zip(dataset.images, dataset.labels.tolist(), strict=True))
+
+
+def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
+    """(shuffle seed, augmentation seed) of ``epoch``: 32-bit ints derived from (seed, epoch)."""
+    s = np.random.SeedSequence([seed, epoch]).generate_state(2)
+    return int(s[0]), int(s[1])
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch (the remainder is dropped, reshuffled every epoch)."""
+    return num_examples // global_batch
+
+
+def _iterate(ds: grain.MapDataset, workers: int, prefetch: int) -> Iterator[dict]:
+    """Iterate ``ds`` (whose elements are whole batches) in order: in this process with one
+    prefetch thread (``workers == 0``) or in ``workers`` spawned processes, each computing every
+    ``workers``-th batch (grain's ``mp_prefetch``; the output order stays the same)."""
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    if workers:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=prefetch))
+    it = iter(it_ds)
+    try:
+        yield from it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def train_batches(
+    source: Sequence,
+    transform,
+    *,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
+    prefetch: int = 2,
+) -> Iterator[dict]:
+    """This host's batches of ``epoch`` from batch ``start_batch`` on.
+
+    ``source``: ``(image or path, label)`` elements; ``transform(element, rng)`` -> element dict.
+    The epoch's shuffled order is cut to ``steps_per_epoch * global_batch`` elements and strided
+    over hosts, so host ``p`` gets rows ``p::process_count`` of every global batch; each yielded
+    dict holds ``global_batch // process_count`` rows.
+    """
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by process_count={process_count}")
+    steps = steps_per_epoch(len(source), global_batch)
+    if steps == 0:
+        raise ValueError(f"the training set has {len(source)} examples, fewer than one batch "
+                         f"of {global_batch}")
+    shuffle_seed, aug_seed = epoch_seeds(seed, epoch)
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+    ds = ds[: steps * global_batch][process_index::process_count]
+    ds = ds.random_map(transform, seed=aug_seed)
+    ds = ds.batch(global_batch // process_count, drop_remainder=True)[start_batch:]
+    return _iterate(ds, workers, prefetch)
+
+
+class _PadTo:
+    """Index -> element, or a zero padding element (``valid=False``) past the end."""
+
+    def __init__(self, source, transform, size, channels):
+        self.source, self.transform = source, transform
+        self.pad = {"image": np.zeros((size, size, channels), np.uint8), "label": np.int32(0),
+                    "valid": np.bool_(False)}
+
+    def __call__(self, i):
+        return self.transform(self.source[i]) if i < len(self.source) else self.pad
+
+
+def eval_batches(
+    source: Sequence,
+    transform,
+    *,
+    global_batch: int,
+    image_size: int,
+    channels: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
+    prefetch: int = 2,
+) -> Iterator[dict]:
+    """This host's eval batches covering every element once, in order; the last global batch is
+    padded with ``valid=False`` rows. ``transform(element)`` -> element dict."""
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by process_count={process_count}")
+    total = -(-len(source) // global_batch) * global_batch
+    ds = grain.MapDataset.range(total).map(_PadTo(source, transform, image_size, channels))
+    ds = ds[process_index::process_count].batch(global_batch // process_count)
+    return _iterate(ds, workers, prefetch)
+
+
+def eval_steps(num_examples: int, global_batch: int) -> int:
+    """Number of (padded) eval batches."""
+    return -(-num_examples // global_batch)

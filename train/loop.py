@@ -1,0 +1,519 @@
+"""The training loop shared by ``train/cifar.py``, ``train/imagenet.py`` and the quickstart.
+
+Data parallel with ``jax.sharding``: one mesh axis ``"data"`` over every device of every host; the
+train state is replicated and each global batch is sharded along its first axis (BatchNorm
+statistics are therefore computed over the global batch, i.e. synchronised BN). Multi-host runs
+call ``jax.distributed.initialize()`` first (``--distributed``); each host reads its own rows.
+
+The train state is a plain dict pytree::
+
+    {"step": int32 (), "params": ..., "opt_state": ..., "model_state": {"batch_stats": ...,
+     "bimask": ...}, "rng": uint32 (2,)}
+
+Step ``s`` draws its randomness from ``fold_in(rng, s)``, so a run resumed at step ``s`` replays
+the same random numbers as an unbroken one.
+
+The one place that knows about N:M sparsity is :func:`sparsify` / :class:`SparseHooks` (the seam
+to ``bimask_jax``'s wrapper); with ``method="dense"`` the plain module is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from train import data as data_lib
+from train.checkpoint import Checkpointer
+
+# --------------------------------------------------------------------------------------------
+# Data description handed to the loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSpec:
+    """What the loop needs of a dataset.
+
+    ``train_source`` / ``eval_source``: sequences of ``(image or path, label)`` elements;
+    ``train_transform(element, rng)`` and ``eval_transform(element)`` map one to
+    ``{"image": uint8 (image_size, image_size, channels), "label", "valid"}``. ``mean`` / ``std``
+    (per channel, on the 0..1 scale) normalise on the device.
+    """
+
+    train_source: list
+    eval_source: list
+    train_transform: Callable
+    eval_transform: Callable
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# The sparsity seam
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseHooks:
+    """How the loop talks to ``bimask_jax``: ``model`` is the module to init/apply;
+    ``post_step(key, variables, step)`` returns the updated ``"bimask"`` collection after
+    optimizer step ``step`` (1-based) or None; ``summary`` / ``export`` take (model, variables)."""
+
+    model: Any
+    method: str
+    post_step: Callable | None = None
+    summary: Callable | None = None
+    export: Callable | None = None
+
+
+def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> SparseHooks:
+    """Wrap ``module`` for ``cfg.method`` with ``bimask_jax.sparse`` (``dense``: unchanged).
+
+    ``dense_layers``: regexes of module paths kept dense (the paper's exclusions)."""
+    if cfg.method == "dense":
+        return SparseHooks(model=module, method="dense")
+    import bimask_jax
+
+    api = bimask_jax if hasattr(bimask_jax, "sparse") else __import__("bimask_jax.flax").flax
+    model = api.sparse(
+        module, n=cfg.n, m=cfg.m, method=cfg.method, num_candidates=cfg.num_candidates,
+        refresh_every=cfg.refresh_every, decay=cfg.decay, exclude=list(dense_layers),
+        backend=cfg.kernels,
+    )
+    post = None
+    if cfg.method == "bimask":
+        def post(key, variables, step):
+            return api.maybe_refresh(key, model, variables, step)
+    return SparseHooks(model=model, method=cfg.method, post_step=post, summary=api.summary,
+                       export=api.export)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedules
+# --------------------------------------------------------------------------------------------
+
+
+def lr_schedule(cfg: argparse.Namespace, steps_per_epoch: int) -> Callable:
+    """Step -> learning rate: linear warm-up over ``warmup_epochs`` (per step, from
+    ``warmup_lr``) then cosine to ``min_lr`` at the end of ``epochs``; ``cosine_epoch`` keeps
+    the lr constant within an epoch (PyTorch's CosineAnnealingLR stepped per epoch)."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    base, low, start = cfg.lr, cfg.min_lr, cfg.warmup_lr
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        if cfg.lr_schedule == "constant":
+            after = jnp.asarray(base, jnp.float32)
+        else:
+            t = jnp.floor(step / steps_per_epoch) * steps_per_epoch if (
+                cfg.lr_schedule == "cosine_epoch") else step
+            frac = jnp.clip((t - warm) / max(1, total - warm), 0.0, 1.0)
+            after = low + 0.5 * (base - low) * (1.0 + jnp.cos(jnp.pi * frac))
+        if warm == 0:
+            return after
+        during = start + (base - start) * (step + 1) / warm
+        return jnp.where(step < warm, during, after)
+
+    return schedule
+
+
+def decay_mask(params) -> Any:
+    """True for kernels (ndim >= 2) except the cls token and position embedding: no weight decay
+    on BatchNorm/LayerNorm scales, biases, cls token, position embedding."""
+    def keep(path, x):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return x.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: argparse.Namespace, schedule: Callable) -> optax.GradientTransformation:
+    """SGD (momentum, optional Nesterov, L2 weight decay added to the gradient as PyTorch does) or
+    AdamW (decoupled decay), with decay masked by :func:`decay_mask`; optional global-norm clip."""
+    parts = [optax.clip_by_global_norm(cfg.clip_grad)] if cfg.clip_grad > 0 else []
+    if cfg.optimizer == "sgd":
+        parts += [optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                  optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=bool(cfg.nesterov))]
+    elif cfg.optimizer == "adamw":
+        parts += [optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
+                              mask=decay_mask)]
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def normalize(images: jnp.ndarray, mean, std, dtype=jnp.float32) -> jnp.ndarray:
+    """uint8 (B, H, W, C) -> (images/255 - mean)/std in ``dtype``."""
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)
+
+
+def mix_batch(key, x, targets, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5):
+    """timm-style batch mixing: with both alphas > 0 choose CutMix with probability
+    ``switch_prob``, else Mixup; ``lam ~ Beta(alpha, alpha)``; the partner of row i is row B-1-i.
+
+    ``x``: float (B, H, W, C); ``targets``: float (B, K) (already label-smoothed). CutMix pastes a
+    box of area fraction ~1-lam and sets lam to the kept area fraction."""
+    k_sw, k_lm, k_lc, k_box = jax.random.split(key, 4)
+    b, h, w = x.shape[:3]
+    x_f, t_f = x[::-1], targets[::-1]
+    use_cut = (jax.random.uniform(k_sw) < switch_prob) if (mixup_alpha > 0 and cutmix_alpha > 0) \
+        else jnp.asarray(cutmix_alpha > 0)
+    lam_mix = jax.random.beta(k_lm, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+    lam_cut = jax.random.beta(k_lc, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+    # CutMix box: side ratio sqrt(1 - lam), random centre, clipped to the image.
+    cut = jnp.sqrt(1.0 - lam_cut)
+    ch, cw = jax.random.uniform(k_box, (2,)) * jnp.array([h, w])
+    top, bot = jnp.clip(ch - cut * h / 2, 0, h), jnp.clip(ch + cut * h / 2, 0, h)
+    lef, rig = jnp.clip(cw - cut * w / 2, 0, w), jnp.clip(cw + cut * w / 2, 0, w)
+    top, bot, lef, rig = (jnp.floor(v).astype(jnp.int32) for v in (top, bot, lef, rig))
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = (rows >= top) & (rows < bot) & (cols >= lef) & (cols < rig)  # (H, W)
+    lam_cut = 1.0 - jnp.sum(box) / (h * w)
+    x_cut = jnp.where(box[None, :, :, None], x_f, x)
+    x_mix = lam_mix * x + (1.0 - lam_mix) * x_f
+    lam = jnp.where(use_cut, lam_cut, lam_mix)
+    x_out = jnp.where(use_cut, x_cut, x_mix)
+    return x_out.astype(x.dtype), lam * targets + (1.0 - lam) * t_f
+
+
+def _apply(model, variables, x, train, mutable, rngs=None):
+    if mutable:
+        return model.apply(variables, x, train=train, mutable=mutable, rngs=rngs)
+    return model.apply(variables, x, train=train, rngs=rngs), {}
+
+
+def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutable: list[str]):
+    """(state, batch) -> (state, metrics sums) for one optimizer step; ``batch`` holds "image"
+    uint8 (B, H, W, C), "label" int32 (B,), "valid" bool (B,) (rows with valid=False carry no
+    loss)."""
+    model, k = hooks.model, data.num_classes
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+
+    def step_fn(state, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        k_drop, k_mix, k_post = jax.random.split(key, 3)
+        valid = batch["valid"].astype(jnp.float32)
+        x = normalize(batch["image"], data.mean, data.std, dtype)
+        y = optax.smooth_labels(jax.nn.one_hot(batch["label"], k), cfg.label_smoothing)
+        if mixing:
+            x, y = mix_batch(k_mix, x, y, cfg.mixup, cfg.cutmix)
+        ms = state["model_state"]
+
+        def loss_fn(params):
+            logits, updates = _apply(model, {"params": params, **ms}, x, True, mutable,
+                                     {"dropout": k_drop})
+            ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), y)
+            loss = jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+            return loss, (logits, updates)
+
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        upd, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], upd)
+        new_ms = {**ms, **updates}
+        step = state["step"] + 1
+        if hooks.post_step is not None:
+            new_ms["bimask"] = hooks.post_step(k_post, {"params": params, **new_ms}, step)
+        n = jnp.sum(valid)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid)
+        metrics = {"loss": loss * n, "correct": correct, "count": n,
+                   "invalid": jnp.sum(1.0 - valid), "lr": schedule(state["step"])}
+        new_state = {"step": step, "params": params, "opt_state": opt_state,
+                     "model_state": new_ms, "rng": state["rng"]}
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(hooks: SparseHooks, cfg, data: DataSpec):
+    """(state, batch) -> sums of loss, top-1 and top-5 hits (top-min(5, K)) and valid rows."""
+    model, k = hooks.model, data.num_classes
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    topk = min(5, k)
+
+    def eval_fn(state, batch):
+        valid = batch["valid"].astype(jnp.float32)
+        x = normalize(batch["image"], data.mean, data.std, dtype)
+        logits = model.apply({"params": state["params"], **state["model_state"]}, x, train=False)
+        logits = logits.astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        _, idx = jax.lax.top_k(logits, topk)
+        hit = idx == batch["label"][:, None]
+        return {"loss": jnp.sum(ce * valid), "top1": jnp.sum(hit[:, 0] * valid),
+                "top5": jnp.sum(jnp.any(hit, -1) * valid), "count": jnp.sum(valid)}
+
+    return eval_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """Progress bar (stderr), metrics JSONL (``<run>/metrics.jsonl``) and optional TensorBoard;
+    only process 0 writes."""
+
+    def __init__(self, run_dir: str, *, progress: bool, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self.tty = sys.stderr.isatty()
+        self.tb = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+            if tensorboard:
+                try:
+                    from tensorboardX import SummaryWriter
+                except ImportError as e:
+                    raise RuntimeError("--tensorboard needs tensorboardX: pip install tensorboardX") from e
+                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def record(self, kind: str, **values) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"type": kind, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            step = values.get("step", 0)
+            for key, v in values.items():
+                if isinstance(v, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{kind}/{key}", v, step)
+
+    def bar(self, epoch: int, epochs: int, done: int, total: int, **vals) -> None:
+        if not self.progress:
+            return
+        width = 24
+        fill = int(width * done / max(total, 1))
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
+        line = f"epoch {epoch + 1}/{epochs} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {text}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:200] + " " * 4)
+            if done == total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            if self.tty and self.progress:
+                sys.stderr.write("\r")
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def init_distributed(cfg: argparse.Namespace) -> None:
+    """``jax.distributed.initialize()`` when ``--distributed`` (cluster auto-detection: SLURM,
+    Open MPI, Cloud TPU, or the JAX_COORDINATOR_ADDRESS/... environment)."""
+    if getattr(cfg, "distributed", False):
+        jax.distributed.initialize()
+
+
+def _global_batch(local: dict, sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def _to_py(tree) -> dict:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def evaluate(eval_step, state, data: DataSpec, cfg, sharding) -> dict:
+    """Top-1 / top-5 accuracy (percent) and mean loss over the whole eval set."""
+    batches = data_lib.eval_batches(
+        data.eval_source, data.eval_transform, global_batch=cfg.eval_batch_size,
+        image_size=data.image_size, channels=data.channels,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        workers=cfg.workers, prefetch=cfg.prefetch)
+    total = None
+    for local in batches:
+        out = eval_step(state, _global_batch(local, sharding))
+        total = out if total is None else jax.tree.map(jnp.add, total, out)
+    t = _to_py(total)
+    n = max(t["count"], 1.0)
+    return {"top1": 100.0 * t["top1"] / n, "top5": 100.0 * t["top5"] / n, "loss": t["loss"] / n,
+            "count": int(t["count"])}
+
+
+def default_run_dir(script: str, cfg) -> str:
+    return os.path.join("runs", f"{script}-{cfg.arch}-{cfg.method}")
+
+
+def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: DataSpec,
+        *, script: str = "train") -> dict:
+    """Train ``module`` on ``data`` as ``cfg`` says; returns the summary dict (also the last
+    line of ``metrics.jsonl``). Checkpoints go to ``<run_dir>/checkpoints``."""
+    run_dir = cfg.run_dir or default_run_dir(script, cfg)
+    cfg.run_dir = run_dir
+    devices = jax.devices()
+    nproc, pidx = jax.process_count(), jax.process_index()
+    for name in ("batch_size", "eval_batch_size"):
+        b = getattr(cfg, name)
+        if b % len(devices):
+            raise ValueError(f"--{name.replace('_', '-')} {b} is not divisible by the device count "
+                             f"{len(devices)}: every device needs the same number of rows")
+    spe = data_lib.steps_per_epoch(len(data.train_source), cfg.batch_size)
+    if spe == 0:
+        raise ValueError(f"the training set has {len(data.train_source)} images, fewer than one "
+                         f"batch of {cfg.batch_size}")
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    log = Logger(run_dir, progress=not cfg.no_progress, tensorboard=cfg.tensorboard,
+                 enabled=pidx == 0)
+    hooks = sparsify(module, cfg, dense_layers)
+    schedule = lr_schedule(cfg, spe)
+    tx = make_optimizer(cfg, schedule)
+
+    key = jax.random.PRNGKey(cfg.seed)
+    k_init, k_train = jax.random.split(key)
+    sample = jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32)
+
+    def init_fn():
+        variables = hooks.model.init({"params": k_init, "dropout": k_init}, sample, train=False)
+        variables = dict(variables)
+        params = variables.pop("params")
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "model_state": variables, "rng": k_train}
+
+    state = jax.jit(init_fn, out_shardings=repl)()
+    mutable = [c for c in state["model_state"] if c != "bimask"]
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+    epoch, batch_in_epoch, best_top1 = 0, 0, -1.0
+    if cfg.resume:
+        if ckpt.latest_step() is None:
+            raise ValueError(f"--resume: no checkpoint in {run_dir!r}")
+        state, meta = ckpt.restore(state)
+        epoch, batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
+        best_top1 = float(meta.get("best_top1", -1.0))
+        if meta.get("steps_per_epoch") != spe:
+            raise ValueError(f"--resume: the checkpoint has {meta.get('steps_per_epoch')} steps per "
+                             f"epoch, this run {spe} (different data or batch size)")
+        log.print(f"resumed from step {int(state['step'])} (epoch {epoch + 1}, batch {batch_in_epoch})")
+    elif pidx == 0:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=1, default=str)
+
+    train_step = jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
+                         in_shardings=(repl, rows), out_shardings=(repl, repl), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows),
+                        out_shardings=repl)
+
+    def meta_of(ep, b):
+        return {"epoch": ep, "batch_in_epoch": b, "step": int(state["step"]),
+                "steps_per_epoch": spe, "best_top1": best_top1, "arch": cfg.arch,
+                "method": cfg.method, "seed": cfg.seed}
+
+    log.print(f"{script}: {cfg.arch} ({n_params:,} params) method={cfg.method} "
+              f"{cfg.n}:{cfg.m} on {data.name} ({len(data.train_source)} train / "
+              f"{len(data.eval_source)} eval, {data.num_classes} classes); {len(devices)} device(s), "
+              f"{nproc} host(s); batch {cfg.batch_size}, {spe} steps/epoch, {cfg.epochs} epochs; "
+              f"run dir {run_dir}")
+    t_start, last_eval, skipped_total = time.time(), None, 0
+    stopped = False
+    while epoch < cfg.epochs and not stopped:
+        batches = data_lib.train_batches(
+            data.train_source, data.train_transform, global_batch=cfg.batch_size, seed=cfg.seed,
+            epoch=epoch, start_batch=batch_in_epoch, process_index=pidx, process_count=nproc,
+            workers=cfg.workers, prefetch=cfg.prefetch)
+        acc_m, t_log, n_log = None, time.time(), 0
+        for b, local in enumerate(batches, start=batch_in_epoch):
+            state, metrics = train_step(state, _global_batch(local, rows))
+            acc_m = metrics if acc_m is None else jax.tree.map(jnp.add, acc_m, metrics)
+            n_log += 1
+            step = b + 1
+            if step % cfg.log_every == 0 or step == spe:
+                m = _to_py(acc_m)
+                dt = time.time() - t_log
+                vals = {"loss": m["loss"] / max(m["count"], 1), "acc": 100 * m["correct"] / max(
+                    m["count"], 1), "lr": m["lr"] / n_log, "img_per_s": n_log * cfg.batch_size / dt}
+                skipped_total += int(m["invalid"])
+                log.bar(epoch, cfg.epochs, step, spe, loss=vals["loss"], acc=vals["acc"],
+                        lr=vals["lr"], **{"img/s": round(vals["img_per_s"], 1)})
+                log.record("train", step=int(epoch * spe + step), epoch=epoch + 1, **vals,
+                           skipped=int(m["invalid"]))
+                acc_m, t_log, n_log = None, time.time(), 0
+            global_step = epoch * spe + step
+            if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
+                ep, nb = (epoch + 1, 0) if step == spe else (epoch, step)
+                ckpt.save(global_step, state, meta_of(ep, nb))
+                log.print(f"stopping after step {global_step} (--stop-after-steps); checkpoint saved")
+                stopped = True
+                break
+            if cfg.ckpt_every_steps and global_step % cfg.ckpt_every_steps == 0 and step < spe:
+                ckpt.save(global_step, state, meta_of(epoch, step))
+        if stopped:
+            break
+        epoch, batch_in_epoch = epoch + 1, 0
+        is_best = False
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            last_eval = evaluate(eval_step, state, data, cfg, rows)
+            is_best = last_eval["top1"] > best_top1
+            best_top1 = max(best_top1, last_eval["top1"])
+            log.record("eval", step=int(epoch * spe), epoch=epoch, **last_eval)
+            log.print(f"epoch {epoch}/{cfg.epochs}: val top-1 {last_eval['top1']:.2f}% "
+                      f"top-5 {last_eval['top5']:.2f}% loss {last_eval['loss']:.4f} "
+                      f"(best top-1 {best_top1:.2f}%)")
+        ckpt.save(epoch * spe, state, meta_of(epoch, 0), best=is_best)
+    ckpt.close()
+
+    variables = {"params": state["params"], **state["model_state"]}
+    if hooks.summary is not None and not stopped and pidx == 0:
+        hooks.summary(hooks.model, variables)
+    summary = {
+        "arch": cfg.arch, "method": cfg.method, "n": cfg.n, "m": cfg.m,
+        "epochs_done": epoch, "step": int(state["step"]), "params": n_params,
+        "final_top1": last_eval["top1"] if last_eval else None,
+        "final_top5": last_eval["top5"] if last_eval else None,
+        "best_top1": best_top1 if best_top1 >= 0 else None,
+        "skipped_images": skipped_total, "seconds": round(time.time() - t_start, 1),
+        "stopped_early": stopped, "run_dir": run_dir,
+    }
+    log.record("summary", **summary)
+    top1 = "n/a" if summary["final_top1"] is None else f"{summary['final_top1']:.2f}%"
+    best = "n/a" if summary["best_top1"] is None else f"{summary['best_top1']:.2f}%"
+    log.print(f"SUMMARY {cfg.arch} method={cfg.method} {cfg.n}:{cfg.m} epochs={epoch} "
+              f"step={summary['step']} final top-1 {top1} best top-1 {best} "
+              f"skipped {skipped_total} images, {summary['seconds']}s, run dir {run_dir}")
+    log.close()
+    summary["state"] = state
+    summary["hooks"] = hooks
+    return summary
