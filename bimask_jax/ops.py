@@ -79,13 +79,16 @@ def sparse_dense(
       perm: optional int ``(C,)``, the permutation under which ``bwd^T`` is N:M along C. Unused by
         the ``"xla"`` backend (checked for shape when given).
       precision: passed to the matmuls.
-      backend: ``"xla"``.
+      backend: ``"xla"``, or ``"pallas"``: the forward and backward-data products run the 2:4
+        kernels of ``pallas_kernels`` when ``fwd`` is 2:4 along K and ``bwd[:, perm]`` is 2:4 along
+        C (each product falls back to XLA otherwise); see ``bimask_jax.pallas_backend``.
 
     Returns:
       ``(..., C)`` in ``result_type(x, kernel)``. Gradients: ``dx`` in ``x.dtype``, ``dkernel`` in
       ``kernel.dtype`` (accumulated in fp32), none for the masks.
     """
-    _check_backend(backend)
+    if backend not in ("xla", "pallas"):
+        raise ValueError(f"backend must be one of ('xla', 'pallas'), got {backend!r}")
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     check_floating("x", x)
     check_floating("kernel", kernel)
@@ -99,6 +102,10 @@ def sparse_dense(
     check_mask("bwd", bwd, kernel.shape)
     if perm is not None:
         check_perm(perm, kernel.shape[1])
+    if backend == "pallas":
+        from bimask_jax import pallas_backend
+
+        return pallas_backend.sparse_dense(x, kernel, fwd, bwd, float(decay), perm, precision)
     return _sparse_dense(x, kernel, fwd, bwd, float(decay), precision)
 
 

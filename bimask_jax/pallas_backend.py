@@ -1,0 +1,125 @@
+"""Bridge from ``bimask_jax.ops`` (``backend="pallas"``) to the 2:4 kernels of ``pallas_kernels``.
+
+``sparse_dense`` here is a ``jax.custom_vjp`` with exactly the rule of the ``"xla"`` backend::
+
+    y  = x @ (W * Mf)                      -> pallas_kernels.spmm on compress(W, axis=0, mask=Mf)
+    dx = g @ (W * Mb)^T                    -> pallas_kernels.spmm_bwd_data on
+                                              compress((W*Mb)[:, perm].T, axis=0, mask=Mb[:, perm].T)
+    dW = x^T g + decay * (1 - Mf) * W      (dense XLA matmul, as in the xla backend)
+
+The kernels sit inside the ``custom_vjp`` (``jax.grad`` cannot differentiate a ``pallas_call``).
+The ops do not know n:m, so each product checks its own mask: the forward product uses the kernel
+when ``Mf`` is 2:4 along K, the backward-data product when ``Mb[:, perm]`` is 2:4 along C
+(at most 2 True in every group of 4). Otherwise that product falls back to the dense XLA product
+(e.g. the all-True masks of ``method="dense"``). With concrete masks the choice is made in Python;
+under ``jit`` it is a ``lax.cond`` on a count over the mask.
+
+``precision`` is not used by the kernels: they accumulate in fp32 (on GPU, Triton may use TF32 for
+fp32 inputs, like XLA's default). On CPU the kernels run in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bimask_jax._checks import is_concrete
+
+
+def _masked(kernel, mask, dtype):
+    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)).astype(dtype)
+
+
+def is_24(mask, axis: int) -> jax.Array:
+    """bool scalar: at most 2 True in every group of 4 consecutive entries along ``axis``.
+
+    False when the axis length is not divisible by 4.
+    """
+    mask = jnp.asarray(mask, bool)
+    n = mask.shape[axis]
+    if n % 4:
+        return jnp.asarray(False)
+    m = jnp.moveaxis(mask, axis, 0)
+    counts = m.reshape(n // 4, 4, -1).sum(axis=1, dtype=jnp.int32)
+    return jnp.all(counts <= 2)
+
+
+def _choose(ok, kernel_fn, xla_fn, *args):
+    if is_concrete(ok):
+        return kernel_fn(*args) if bool(ok) else xla_fn(*args)
+    return lax.cond(ok, kernel_fn, xla_fn, *args)
+
+
+def forward_product(x, kernel, fwd, *, precision=None):
+    """``x @ (kernel * fwd)`` in ``result_type(x, kernel)``; (..., K) x (K, C) -> (..., C)."""
+    import pallas_kernels as pk
+
+    dtype = jnp.result_type(x, kernel)
+
+    def with_kernel(x, kernel, fwd):
+        values, meta = pk.compress(kernel.astype(dtype), axis=0, mask=fwd)
+        return pk.spmm(x.astype(dtype), values, meta, out_dtype=dtype)
+
+    def with_xla(x, kernel, fwd):
+        return jnp.matmul(x.astype(dtype), _masked(kernel, fwd, dtype), precision=precision)
+
+    return _choose(is_24(fwd, 0), with_kernel, with_xla, x, kernel, fwd)
+
+
+def backward_data_product(g, kernel, bwd, perm, *, precision=None):
+    """``g @ (kernel * bwd)^T`` in ``g.dtype``; (..., C) x (K, C)^T -> (..., K).
+
+    ``perm`` int (C,): ``bwd[:, perm]`` is expected 2:4 along C (else the XLA fallback is used).
+    """
+    import pallas_kernels as pk
+
+    dtype = g.dtype
+
+    def with_kernel(g, kernel, bwd, perm):
+        bt = kernel[:, perm].T.astype(dtype)
+        values, meta = pk.compress(bt, axis=0, mask=bwd[:, perm].T)
+        return pk.spmm_bwd_data(g, values, meta, perm, out_dtype=dtype)
+
+    def with_xla(g, kernel, bwd, perm):
+        del perm
+        return jnp.matmul(g, _masked(kernel, bwd, dtype).T, precision=precision)
+
+    return _choose(is_24(bwd[:, perm], 1), with_kernel, with_xla, g, kernel, bwd, perm)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _sparse_dense(x, kernel, fwd, bwd, perm, decay, precision):
+    return forward_product(x, kernel, fwd, precision=precision)
+
+
+def _sparse_dense_fwd(x, kernel, fwd, bwd, perm, decay, precision):
+    y = forward_product(x, kernel, fwd, precision=precision)
+    return y, (x, kernel, fwd, bwd, perm)
+
+
+def _sparse_dense_bwd(decay, precision, res, g):
+    x, kernel, fwd, bwd, perm = res
+    dx = backward_data_product(g, kernel, bwd, perm, precision=precision).astype(x.dtype)
+    k, c = kernel.shape
+    x2 = x.reshape(-1, k).astype(g.dtype)
+    g2 = g.reshape(-1, c)
+    dw = jnp.matmul(x2.T, g2, precision=precision, preferred_element_type=jnp.float32)
+    srste = decay * jnp.where(fwd, jnp.zeros((), kernel.dtype), kernel)
+    dw = (dw + srste.astype(jnp.float32)).astype(kernel.dtype)
+    return dx, dw, None, None, None
+
+
+_sparse_dense.defvjp(_sparse_dense_fwd, _sparse_dense_bwd)
+
+
+def sparse_dense(x, kernel, fwd, bwd, decay: float, perm=None, precision=None):
+    """The ``backend="pallas"`` body of ``bimask_jax.ops.sparse_dense`` (inputs already checked).
+
+    ``perm=None`` means the identity permutation.
+    """
+    c = kernel.shape[1]
+    perm = jnp.arange(c, dtype=jnp.int32) if perm is None else jnp.asarray(perm, jnp.int32)
+    return _sparse_dense(x, kernel, fwd, bwd, perm, float(decay), precision)
