@@ -1,0 +1,47 @@
+"""``bimask_jax.sparse``: one entry point for linen and nnx models."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+from flax import nnx
+
+from bimask_jax.flax import linen as _linen
+from bimask_jax.flax import nnx as _nnx
+from bimask_jax.flax.config import SparseConfig
+
+
+def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candidates: int = 100,
+           refresh_every: int = 100, decay: float = 2e-4, exclude=None, include=None,
+           backend: str = "xla", chunk_size: int | None = None):
+    """Bi-Mask N:M sparse training for an unmodified Flax model.
+
+    Every Dense/DenseGeneral/Conv (linen) or Linear/LinearGeneral/Conv (nnx) layer selected by the
+    rule in :mod:`bimask_jax.flax.selection` runs through ``sparse_dense``/``sparse_conv`` with masks
+    recomputed from its current kernel at every call and its stored permutation. Default: every
+    such layer whose input-channel axis is divisible by ``m`` and that is not grouped/depthwise;
+    layers whose output size is not divisible by ``m`` fall back to ``"srste"``.
+
+    Args:
+      model: a linen ``nn.Module`` (a new wrapping module is returned; ``init`` gives the unwrapped
+        model's collections plus ``"bimask"``) or an ``nnx.Module`` (modified in place and
+        returned; state in :class:`BimaskState` variables).
+      n, m: N:M ratio. method: ``"dense"``, ``"srste"``, ``"transposable"`` or ``"bimask"``.
+      num_candidates: random permutations per refresh (0: the no-permutation ablation).
+      refresh_every: default period of :func:`maybe_refresh`.
+      decay: SR-STE coefficient of the kernel gradient.
+      exclude, include: regex string(s) searched in the layer path (``"block1/Conv_0"``, nnx:
+        ``"layers/0/linear"``) or a predicate ``(path, module) -> bool``. Paper setting for
+        ImageNet: ``exclude=("conv_init", "head")`` (the stem conv and the classifier).
+      backend: products backend (``"xla"``).
+      chunk_size: candidates per vmapped chunk in the permutation search (None: its default).
+    """
+    cfg = SparseConfig(n=n, m=m, method=method, num_candidates=num_candidates,
+                       refresh_every=refresh_every, decay=decay, exclude=exclude,
+                       include=include, backend=backend, chunk_size=chunk_size)
+    if isinstance(model, nn.Module):
+        return _linen.Sparse(model, cfg)
+    if isinstance(model, nnx.Module):
+        return _nnx.sparsify(model, cfg)
+    raise ValueError(
+        f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+    )

@@ -1,0 +1,97 @@
+"""Options of :func:`bimask_jax.sparse`, validated once and shared by the linen and nnx front ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bimask_jax._checks import check_nm
+from bimask_jax.masks import METHODS
+
+# "pallas" routes Dense/DenseGeneral products to the 2:4 kernels (sparse_dense(backend="pallas"));
+# conv layers use a backend only if sparse_conv supports it (ops.BACKENDS), else "xla".
+BACKENDS = ("xla", "pallas")
+
+# A layer filter: regex pattern(s) searched in the layer path ("block1/conv2"), or a predicate
+# ``(path: str, module) -> bool``.
+LayerFilter = str | Sequence[str] | Callable[[str, Any], bool] | None
+
+
+def _normalize_filter(name: str, value) -> str | tuple[str, ...] | Callable | None:
+    """Returns None, a tuple of compiled-checked regex strings, or a callable."""
+    if value is None:
+        return None
+    if callable(value):
+        return value
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(
+                f"{name} must be a regex string, a sequence of regex strings or a predicate "
+                f"(path, module) -> bool, got an element {p!r}"
+            )
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{name} pattern {p!r} is not a valid regex: {e}") from None
+    return patterns
+
+
+def filter_matches(flt, path: str, module) -> bool:
+    """True when ``path`` (``"a/b/c"``) matches a normalized filter (see :class:`SparseConfig`)."""
+    if callable(flt):
+        return bool(flt(path, module))
+    return any(re.search(p, path) for p in flt)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """How a model is made sparse. Hashable (Flax keeps it as a static module attribute).
+
+    Attributes:
+      n, m: the N:M ratio (Python ints, ``1 <= n <= m``).
+      method: ``"dense"``, ``"srste"``, ``"transposable"`` or ``"bimask"``.
+      num_candidates: random permutations tried per layer at each refresh (paper: 100).
+      refresh_every: refresh period in training steps (paper: 100; first refresh at step 0).
+      decay: SR-STE coefficient of ``decay * (1 - Mf) * W`` in the kernel gradient.
+      exclude, include: layer filters on the layer path (regex string(s), searched with
+        ``re.search``, or a predicate ``(path, module) -> bool``). ``include=None`` means every layer.
+      backend: ``"xla"`` or ``"pallas"`` (Dense/DenseGeneral products through the 2:4 Pallas
+        kernels; conv layers fall back to ``"xla"`` unless ``sparse_conv`` supports the backend).
+      chunk_size: candidates scored per vmapped chunk in ``search_permutation`` (None: its default).
+    """
+
+    n: int = 2
+    m: int = 4
+    method: str = "bimask"
+    num_candidates: int = 100
+    refresh_every: int = 100
+    decay: float = 2e-4
+    exclude: Any = None
+    include: Any = None
+    backend: str = "xla"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        n, m = check_nm(self.n, self.m)
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("num_candidates", "refresh_every"):
+            v = getattr(self, name)
+            lo = 0 if name == "num_candidates" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be a Python int >= {lo}, got {v!r}")
+        if not isinstance(self.decay, (int, float)) or self.decay < 0:
+            raise ValueError(f"decay must be a float >= 0, got {self.decay!r}")
+        object.__setattr__(self, "decay", float(self.decay))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        cs = self.chunk_size
+        if cs is not None and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
+            raise ValueError(f"chunk_size must be None or a Python int >= 1, got {cs!r}")
+        object.__setattr__(self, "exclude", _normalize_filter("exclude", self.exclude))
+        object.__setattr__(self, "include", _normalize_filter("include", self.include))
