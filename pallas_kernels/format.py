@@ -20,6 +20,8 @@ positions), so the same rules run inside the Pallas kernels.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,13 +154,21 @@ def compress(w: jax.Array, axis: int = 0, mask: jax.Array | None = None):
     else:
         kept = w != 0
         what = "nonzeros"
+    values, meta, counts = _compress_core(w, kept, axis, mask is not None)
+    _check_24(counts, axis, what)
+    return values, meta
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _compress_core(w, kept, axis, masked):
+    k = w.shape[axis]
     g = _groups_first(w, axis)  # (G, 4, R)
     kg = _groups_first(kept, axis)
-    _check_24(kg.sum(axis=1), axis, what)
+    counts = kg.sum(axis=1, dtype=jnp.int32)
     parts = [g[:, p] for p in range(4)]
     i0, i1 = slots_from_keep([kg[:, p] for p in range(4)])
     v0, v1 = select(parts, i0), select(parts, i1)
-    if mask is not None:  # a padded slot outside the mask must hold zero
+    if masked:  # a padded slot outside the mask must hold zero
         kparts = [kg[:, p] for p in range(4)]
         v0 = jnp.where(select(kparts, i0), v0, jnp.zeros_like(v0))
         v1 = jnp.where(select(kparts, i1), v1, jnp.zeros_like(v1))
@@ -171,7 +181,7 @@ def compress(w: jax.Array, axis: int = 0, mask: jax.Array | None = None):
     rest = tuple(s for i, s in enumerate(w.shape) if i != axis)
     values = jnp.moveaxis(values.reshape(k // 2, *rest), 0, axis)
     meta = jnp.moveaxis(meta.reshape(meta.shape[0], *rest), 0, axis)
-    return values, meta
+    return values, meta, counts
 
 
 def unpack_metadata(metadata: jax.Array, k: int, axis: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -204,6 +214,12 @@ def decompress(values: jax.Array, metadata: jax.Array, axis: int = 0) -> jax.Arr
         )
     if metadata.dtype != jnp.uint8:
         raise ValueError(f"metadata dtype must be uint8, got {metadata.dtype}")
+    return _decompress_core(values, metadata, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _decompress_core(values, metadata, axis):
+    k = 2 * values.shape[axis]
     i0, i1 = unpack_metadata(metadata, k, axis)
     v = jnp.moveaxis(values, axis, 0).reshape(k // 4, 2, -1)
     i0 = jnp.moveaxis(i0, axis, 0).reshape(k // 4, -1)
@@ -223,6 +239,11 @@ def top2_mask(w: jax.Array, axis: int = 0) -> jax.Array:
     axis = _norm_axis(axis, w.ndim)
     if w.shape[axis] % 4:
         raise ValueError(f"w axis {axis} of size {w.shape[axis]} is not divisible by m=4")
+    return _top2_core(w, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _top2_core(w, axis):
     g = jnp.abs(_groups_first(w, axis))
     keep = jnp.stack(top2_of_4([g[:, p] for p in range(4)]), axis=1)
     moved = jnp.moveaxis(w, axis, 0).shape

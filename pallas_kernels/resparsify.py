@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.format import nibble, select, slots_from_keep, top2_of_4
+from pallas_kernels.format import nibble, select
 from pallas_kernels.spmm import _next_pow2, _pad_to, _round_up, default_interpret
 
 
@@ -43,44 +43,89 @@ class Resparsified(NamedTuple):
     fwd_mask: jax.Array  # (K, C) bool
 
 
+def _unstack8(x):
+    """(..., 8) -> 8 arrays (...,) (equal power-of-2 splits: lowers to Triton)."""
+    return [jnp.squeeze(t, -1) for t in jnp.split(x, 8, axis=-1)]
+
+
+def _stack8(ts):
+    """8 arrays (...,) -> (..., 8) with [..., i] = ts[i], built from 2-way last-axis stacks."""
+    l1 = [jnp.stack([ts[k], ts[k + 4]], -1) for k in range(4)]  # last axis: bit 2
+    l2 = [jnp.stack([l1[k], l1[k + 2]], -1) for k in range(2)]  # (bit 2, bit 1)
+    out = jnp.stack(l2, -1)  # (bit 2, bit 1, bit 0): row-major order = natural order
+    return out.reshape(*out.shape[:-3], 8)
+
+
+def _top2(parts):
+    """Keep flags of the 2 largest of 4 score tiles, ties to the lower position (lean form)."""
+    keep = []
+    for p in range(4):
+        rank = None
+        for q in range(4):
+            if q != p:
+                beats = (parts[q] > parts[p] if q > p else parts[q] >= parts[p]).astype(jnp.int32)
+                rank = beats if rank is None else rank + beats
+        keep.append(rank < 2)
+    return keep
+
+
+def _slots(keep):
+    """First and last kept position (exactly 2 kept): int32 tiles i0 < i1."""
+    i0 = jnp.where(keep[0], 0, jnp.where(keep[1], 1, 2)).astype(jnp.int32)
+    i1 = jnp.where(keep[3], 3, jnp.where(keep[2], 2, 1)).astype(jnp.int32)
+    return i0, i1
+
+
 def _resparsify_kernel(w_ref, perm_ref, fv_ref, fm_ref, bv_ref, bm_ref, mf_ref, *, bk, bc):
     i, j = pl.program_id(0), pl.program_id(1)
     qk, qc = bk // 8, bc // 8
-    shape = (qk, qc)
-    r_io = lax.broadcasted_iota(jnp.int32, shape, 0)  # r: row phase index
-    s_io = lax.broadcasted_iota(jnp.int32, shape, 1)  # s: column phase index
-    pcols = [jnp.broadcast_to(perm_ref[pl.ds(j * bc + b, qc, stride=8)][None, :], shape)
-             for b in range(8)]
-    rows = [i * bk + 8 * r_io + a for a in range(8)]
-    t = [[w_ref[rows[a], pcols[b]] for b in range(8)] for a in range(8)]
+    shape3 = (qk, qc, 8)
+    r3 = lax.broadcasted_iota(jnp.int32, shape3, 0)  # r: row group-pair index in the tile
+    s3 = lax.broadcasted_iota(jnp.int32, shape3, 1)  # s: column group-pair index in the tile
+    ph3 = lax.broadcasted_iota(jnp.int32, shape3, 2)  # the phase stacked on the last axis
+    pcols = jnp.broadcast_to(perm_ref[pl.ds(j * bc, bc)].reshape(1, qc, 8), shape3)  # perm[.. 8s+b]
+    # t[a][b][r, s] = W[i*bk + 8r + a, perm[j*bc + 8s + b]]: 8 gathered loads, split over b
+    t = [_unstack8(w_ref[i * bk + 8 * r3 + a, pcols]) for a in range(8)]
 
     # forward: groups of 4 rows (a = 4e + p) in each column
-    wf = [[None] * 8 for _ in range(8)]
+    wf = [[None] * 8 for _ in range(8)]  # W*Mf tiles [a][b]
+    mf = [[None] * 8 for _ in range(8)]  # Mf tiles [a][b]
+    fv = [[None] * 8 for _ in range(4)]  # [2e + jj][b]
+    fm = [None] * 8  # [b]
     for b in range(8):
         nibs = []
         for e in range(2):
             parts = [t[4 * e + p][b] for p in range(4)]
-            keep = top2_of_4([jnp.abs(x) for x in parts])
-            i0, i1 = slots_from_keep(keep)
-            for jj, idx in enumerate((i0, i1)):
-                fv_ref[i * (bk // 2) + 4 * r_io + 2 * e + jj, pcols[b]] = select(parts, idx)
+            keep = _top2([jnp.abs(x) for x in parts])
+            i0, i1 = _slots(keep)
+            fv[2 * e][b], fv[2 * e + 1][b] = select(parts, i0), select(parts, i1)
             nibs.append(nibble(i0, i1))
             for p in range(4):
-                a = 4 * e + p
-                mf_ref[rows[a], pcols[b]] = keep[p]
-                wf[a][b] = jnp.where(keep[p], parts[p], jnp.zeros_like(parts[p]))
-        fm_ref[i * qk + r_io, pcols[b]] = (nibs[0] | (nibs[1] << 4)).astype(jnp.uint8)
+                mf[4 * e + p][b] = keep[p]
+                wf[4 * e + p][b] = jnp.where(keep[p], parts[p], jnp.zeros_like(parts[p]))
+        fm[b] = (nibs[0] | (nibs[1] << 4)).astype(jnp.uint8)
+    for ej in range(4):  # values row 2g + jj of group g = i*bk/4 + 2r + e
+        fv_ref[i * (bk // 2) + 4 * r3 + ej, pcols] = _stack8(fv[ej])
+    fm_ref[i * qk + r3, pcols] = _stack8(fm)
+    for a in range(8):
+        mf_ref[i * bk + 8 * r3 + a, pcols] = _stack8(mf[a])
 
-    # backward: groups of 4 permuted columns (b = 4e + p) of W*Mf in each row; stored transposed
+    # backward: groups of 4 permuted columns (b = 4e + p) of W*Mf in each row; stored transposed,
+    # stacked over the row phase a: K index i*bk + 8r + a
+    kcols = i * bk + 8 * r3 + ph3
+    bv = [[None] * 8 for _ in range(4)]  # [2e + jj][a]
+    bm = [None] * 8
     for a in range(8):
         nibs = []
         for e in range(2):
             parts = [wf[a][4 * e + p] for p in range(4)]
-            i0, i1 = slots_from_keep(top2_of_4([jnp.abs(x) for x in parts]))
-            for jj, idx in enumerate((i0, i1)):
-                bv_ref[j * (bc // 2) + 4 * s_io + 2 * e + jj, rows[a]] = select(parts, idx)
+            i0, i1 = _slots(_top2([jnp.abs(x) for x in parts]))
+            bv[2 * e][a], bv[2 * e + 1][a] = select(parts, i0), select(parts, i1)
             nibs.append(nibble(i0, i1))
-        bm_ref[j * qc + s_io, rows[a]] = (nibs[0] | (nibs[1] << 4)).astype(jnp.uint8)
+        bm[a] = (nibs[0] | (nibs[1] << 4)).astype(jnp.uint8)
+    for ej in range(4):  # values row 2G + jj of permuted group G = j*bc/4 + 2s + e
+        bv_ref[j * (bc // 2) + 4 * s3 + ej, kcols] = _stack8(bv[ej])
+    bm_ref[j * qc + s3, kcols] = _stack8(bm)
 
 
 @functools.partial(jax.jit, static_argnames=("bk", "bc", "interpret", "num_warps"))

@@ -1,0 +1,86 @@
+"""pallas_kernels.spmm / spmm_bwd_data in interpret mode, against NumPy and decompress + jnp.dot."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import compress, decompress, spmm, spmm_bwd_data, spmm_reference
+
+
+def np_top2(w, axis):
+    a = np.moveaxis(np.asarray(w, np.float32), axis, -1)
+    g = np.abs(a.reshape(*a.shape[:-1], -1, 4))
+    order = np.argsort(-g, axis=-1, kind="stable")[..., :2]
+    keep = np.zeros(g.shape, bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return np.moveaxis(keep.reshape(a.shape), -1, axis)
+
+
+def nonzero_uniform(rng, shape):
+    return rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+
+
+def as_f32(a):
+    return np.asarray(jnp.asarray(a, jnp.float32))
+
+
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize(
+    "lead,k,n,dtype,blocks",
+    [
+        ((5,), 40, 24, jnp.float32, {}),                                # ragged M, K % 8 == 4, N
+        ((2, 3), 64, 20, jnp.bfloat16, {}),                             # batch axes, bf16
+        ((33,), 136, 70, jnp.float32, dict(block_m=16, block_n=32, block_k=32)),  # many tiles
+    ],
+)
+def test_spmm_matches_numpy_and_decompress_dot(lead, k, n, dtype, blocks):
+    rng = np.random.default_rng(k + n)
+    w = nonzero_uniform(rng, (k, n))
+    w = jnp.asarray(w * np_top2(w, 0), dtype)
+    x = jnp.asarray(nonzero_uniform(rng, (*lead, k)), dtype)
+    values, meta = compress(w, 0)
+    poison = jnp.full((*lead, n), jnp.nan, dtype)
+    y = spmm(x, values, meta, out_init=poison, interpret=True, **blocks)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    assert not np.isnan(as_f32(y)).any()
+    ref_np = as_f32(x) @ as_f32(w)  # independent: NumPy on the dense masked kernel
+    np.testing.assert_allclose(as_f32(y), ref_np, **TOL[dtype])
+    ref_pk = spmm_reference(x, values, meta)
+    np.testing.assert_allclose(as_f32(y), as_f32(ref_pk), **TOL[dtype])
+
+
+@pytest.mark.parametrize("gather", ["xla", "kernel"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bwd_data_is_g_times_masked_kernel_transposed(gather, dtype):
+    rng = np.random.default_rng(7)
+    k, c, m = 36, 24, 7
+    w = nonzero_uniform(rng, (k, c))
+    perm = rng.permutation(c).astype(np.int32)
+    mb_perm = np_top2(w[:, perm], 1)          # 2:4 along the permuted output axis
+    mb = np.zeros_like(mb_perm)
+    mb[:, perm] = mb_perm
+    wb = jnp.asarray(w * mb, dtype)
+    g = jnp.asarray(nonzero_uniform(rng, (m, c)), dtype)
+    values_t, meta_t = compress(wb[:, perm].T, 0)
+    np.testing.assert_array_equal(as_f32(decompress(values_t, meta_t, 0)), as_f32(wb)[:, perm].T)
+    dx = spmm_bwd_data(g, values_t, meta_t, perm, gather=gather, interpret=True,
+                       out_init=jnp.full((m, k), jnp.nan, dtype))
+    assert dx.shape == (m, k) and dx.dtype == dtype
+    np.testing.assert_allclose(as_f32(dx), as_f32(g) @ as_f32(wb).T, **TOL[dtype])
+
+
+def test_spmm_rejects_bad_inputs():
+    x = jnp.ones((2, 16))
+    v, m = compress(jnp.zeros((16, 8)), 0)
+    with pytest.raises(ValueError, match="equal 2 \\* values.shape"):
+        spmm(jnp.ones((2, 12)), v, m)
+    with pytest.raises(ValueError, match="metadata must be uint8"):
+        spmm(x, v, m.astype(jnp.int32))
+    with pytest.raises(ValueError, match="block_k=12 must be a multiple of 8"):
+        spmm(x, v, m, block_k=12)
+    with pytest.raises(ValueError, match="gather must be"):
+        spmm_bwd_data(jnp.ones((2, 16)), v, m, jnp.arange(16), gather="loop")
+    with pytest.raises(ValueError, match="perm must have shape"):
+        spmm_bwd_data(jnp.ones((2, 16)), v, m, jnp.arange(8))
