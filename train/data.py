@@ -367,6 +367,10 @@ def _iterate(ds: grain.MapDataset, workers: int, prefetch: int) -> Iterator[dict
     ``workers``-th batch (grain's ``mp_prefetch``; the output order stays the same)."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if workers:
+        from absl import flags  # grain's worker processes read absl flags
+
+        if not flags.FLAGS.is_parsed():  # argparse programs never parse them: use the defaults
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=prefetch))
     it = iter(it_ds)
@@ -406,8 +410,10 @@ def train_batches(
                          f"of {global_batch}")
     shuffle_seed, aug_seed = epoch_seeds(seed, epoch)
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
-    ds = ds[: steps * global_batch][process_index::process_count]
-    ds = ds.random_map(transform, seed=aug_seed)
+    # Augment before striding over hosts: element i's augmentation depends on its global
+    # position only, so a host's rows equal the matching rows of a single-host run.
+    ds = ds[: steps * global_batch].random_map(transform, seed=aug_seed)
+    ds = ds[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True)[start_batch:]
     return _iterate(ds, workers, prefetch)
 

@@ -73,35 +73,49 @@ class DataSpec:
 @dataclass
 class SparseHooks:
     """How the loop talks to ``bimask_jax``: ``model`` is the module to init/apply;
-    ``post_step(key, variables, step)`` returns the updated ``"bimask"`` collection after
-    optimizer step ``step`` (1-based) or None; ``summary`` / ``export`` take (model, variables)."""
+    ``refresh(key, variables, step)`` returns the ``"bimask"`` collection to use for step
+    ``step`` (0-based; a permutation search when due, else unchanged) or is None;
+    ``summary`` / ``export`` take (model, variables)."""
 
     model: Any
     method: str
-    post_step: Callable | None = None
+    refresh: Callable | None = None
     summary: Callable | None = None
     export: Callable | None = None
 
 
-def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> SparseHooks:
-    """Wrap ``module`` for ``cfg.method`` with ``bimask_jax.sparse`` (``dense``: unchanged).
-
-    ``dense_layers``: regexes of module paths kept dense (the paper's exclusions)."""
-    if cfg.method == "dense":
-        return SparseHooks(model=module, method="dense")
+def _bimask_api():
+    """The wrapper API: ``bimask_jax`` once it re-exports ``sparse``, else ``bimask_jax.flax``."""
     import bimask_jax
 
-    api = bimask_jax if hasattr(bimask_jax, "sparse") else __import__("bimask_jax.flax").flax
+    if hasattr(bimask_jax, "sparse"):
+        return bimask_jax
+    import bimask_jax.flax
+
+    return bimask_jax.flax
+
+
+def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> SparseHooks:
+    """Wrap ``module`` for ``cfg.method`` with ``bimask_jax.sparse`` (``dense``: the plain module,
+    same parameter tree).
+
+    ``dense_layers``: regexes (``re.search`` on layer paths such as ``"layer1_0/conv2"``) of the
+    layers kept dense (the paper's exclusions); the wrapper also leaves depthwise convs and layers
+    whose input channels are not divisible by M dense. Bi-Mask refreshes the permutations inside
+    the jitted step when ``step % refresh_every == 0`` (first at step 0, as the reference)."""
+    if cfg.method == "dense":
+        return SparseHooks(model=module, method="dense")
+    api = _bimask_api()
     model = api.sparse(
         module, n=cfg.n, m=cfg.m, method=cfg.method, num_candidates=cfg.num_candidates,
-        refresh_every=cfg.refresh_every, decay=cfg.decay, exclude=list(dense_layers),
+        refresh_every=cfg.refresh_every, decay=cfg.decay, exclude=tuple(dense_layers),
         backend=cfg.kernels,
     )
-    post = None
+    refresh = None
     if cfg.method == "bimask":
-        def post(key, variables, step):
+        def refresh(key, variables, step):
             return api.maybe_refresh(key, model, variables, step)
-    return SparseHooks(model=model, method=cfg.method, post_step=post, summary=api.summary,
+    return SparseHooks(model=model, method=cfg.method, refresh=refresh, summary=api.summary,
                        export=api.export)
 
 
@@ -223,6 +237,9 @@ def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutab
         if mixing:
             x, y = mix_batch(k_mix, x, y, cfg.mixup, cfg.cutmix)
         ms = state["model_state"]
+        if hooks.refresh is not None:
+            ms = {**ms, "bimask": hooks.refresh(k_post, {"params": state["params"], **ms},
+                                                state["step"])}
 
         def loss_fn(params):
             logits, updates = _apply(model, {"params": params, **ms}, x, True, mutable,
@@ -237,8 +254,6 @@ def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutab
         params = optax.apply_updates(state["params"], upd)
         new_ms = {**ms, **updates}
         step = state["step"] + 1
-        if hooks.post_step is not None:
-            new_ms["bimask"] = hooks.post_step(k_post, {"params": params, **new_ms}, step)
         n = jnp.sum(valid)
         correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid)
         metrics = {"loss": loss * n, "correct": correct, "count": n,
@@ -392,7 +407,10 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
     if spe == 0:
         raise ValueError(f"the training set has {len(data.train_source)} images, fewer than one "
                          f"batch of {cfg.batch_size}")
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    # Auto axis: classic GSPMD propagation (jax.make_mesh defaults to Explicit sharding-in-types,
+    # which every op inside the model would then have to support).
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
     repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     log = Logger(run_dir, progress=not cfg.no_progress, tensorboard=cfg.tensorboard,

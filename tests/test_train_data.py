@@ -1,0 +1,175 @@
+"""train.data: ImageFolder scanning and its errors, CIFAR pickles, digits, augmentation shapes and
+rules, loader determinism (seed, epoch, resume position, worker processes), eval padding."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from train import data as D
+from train.testing import write_image_folder
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), sizes=[(20, 14), (12, 18), (16, 16)])
+
+
+def test_scan_image_folder_lists_sorted_classes(tree):
+    f = D.scan_image_folder(os.path.join(tree, "train"))
+    assert f.classes == ("class_0", "class_1", "class_2")
+    assert len(f) == 18 and f.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert all(p.endswith(".jpg") for p in f.paths)
+
+
+def test_scan_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        D.scan_image_folder(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        D.scan_image_folder(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(ValueError, match="holds no image"):
+        D.scan_image_folder(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"only in train \['b'\], only in val \['c'\]"):
+        D.check_same_classes(["a", "b"], ["a", "c"])
+    with pytest.raises(ValueError, match="no 'val'"):
+        D.find_val_split(str(tmp_path))
+
+
+def _batches(src, tf, **kw):
+    return [dict(b) for b in D.train_batches(src, tf, **kw)]
+
+
+def _equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_train_batches_deterministic_resumable_and_epoch_dependent(tree):
+    src = D.elements(D.scan_image_folder(os.path.join(tree, "train")))
+    tf = D.DecodeTrain(8)
+    kw = dict(global_batch=4, seed=3)
+    a = _batches(src, tf, epoch=0, **kw)
+    assert len(a) == 4  # 18 // 4, remainder dropped
+    assert a[0]["image"].shape == (4, 8, 8, 3) and a[0]["image"].dtype == np.uint8
+    assert a[0]["label"].dtype == np.int32 and a[0]["valid"].all()
+    _equal(a, _batches(src, tf, epoch=0, **kw))
+    _equal(a[2:], _batches(src, tf, epoch=0, start_batch=2, **kw))  # resume position
+    b = _batches(src, tf, epoch=1, **kw)
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
+    # Each epoch is a permutation: 16 distinct examples out of 18.
+    labels = np.concatenate([x["label"] for x in a])
+    assert np.bincount(labels, minlength=3).sum() == 16
+    # Two hosts: host p gets rows p::2 of every global batch.
+    h0 = _batches(src, tf, epoch=0, process_index=0, process_count=2, **kw)
+    h1 = _batches(src, tf, epoch=0, process_index=1, process_count=2, **kw)
+    for g, x0, x1 in zip(a, h0, h1, strict=True):
+        np.testing.assert_array_equal(g["image"][0::2], x0["image"])
+        np.testing.assert_array_equal(g["image"][1::2], x1["image"])
+
+
+def test_worker_processes_give_the_same_batches(tree):
+    src = D.elements(D.scan_image_folder(os.path.join(tree, "train")))
+    tf = D.DecodeTrain(8)
+    kw = dict(global_batch=4, seed=1, epoch=2)
+    _equal(_batches(src, tf, **kw), _batches(src, tf, workers=2, **kw))
+
+
+def test_random_resized_crop_box_rules():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, h = rng.integers(5, 300, size=2)
+        left, top, cw, ch = D.random_resized_crop_box(int(w), int(h), rng)
+        assert 0 <= left and left + cw <= w and 0 <= top and top + ch <= h and cw > 0 and ch > 0
+    # Extreme aspect ratio falls back to a centre crop clipped to ratio 3/4..4/3 when all tries fail.
+    assert D.random_resized_crop_box(400, 4, rng, scale=(0.99, 1.0)) == (197, 0, 5, 4)
+
+
+def test_small_image_crop_and_flip_follow_the_rule():
+    img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    tf = D.SmallImage(4, 3, padding=2, flip=True)
+    for seed in range(20):
+        out = tf((img, 1), np.random.default_rng(seed))["image"]
+        rng = np.random.default_rng(seed)
+        i, j = rng.integers(0, 5, size=2)
+        ref = np.pad(img, ((2, 2), (2, 2), (0, 0)))[i:i + 4, j:j + 4]
+        if rng.random() < 0.5:
+            ref = ref[:, ::-1]
+        np.testing.assert_array_equal(out, ref)
+    assert D.SmallImage(4, 3)((img, 0))["image"] is img
+
+
+def test_eval_transform_resize_and_center_crop(tmp_path):
+    # Left half black, right half white, 40x20: resize shorter side 20 -> 10, center crop 8.
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 20:] = 255
+    path = str(tmp_path / "a.png")
+    from PIL import Image
+    Image.fromarray(img).save(path)
+    out = D.DecodeEval(8, 10)((path, 2))
+    assert out["image"].shape == (8, 8, 3) and out["label"] == 2
+    assert out["image"][:, :3].max() < 40 and out["image"][:, 5:].min() > 215
+
+
+def test_corrupt_jpeg_fail_or_skip(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(RuntimeError, match="cannot decode image .*bad.jpg.*--on-corrupt skip"):
+        D.DecodeTrain(8)((str(bad), 0), np.random.default_rng(0))
+    out = D.DecodeTrain(8, on_corrupt="skip")((str(bad), 0), np.random.default_rng(0))
+    assert out["valid"] == np.False_ and out["image"].shape == (8, 8, 3)
+    assert D.DecodeEval(8, 9, on_corrupt="skip")((str(bad), 1))["valid"] == np.False_
+    assert D.SmallImage(8, on_corrupt="skip")((str(bad), 1))["valid"] == np.False_
+
+
+def test_eval_batches_cover_everything_once_with_padding(tree):
+    val = D.scan_image_folder(os.path.join(tree, "val"))
+    src = D.elements(val)
+    bs = list(D.eval_batches(src, D.DecodeEval(8, 9), global_batch=4, image_size=8, channels=3))
+    assert len(bs) == D.eval_steps(6, 4) == 2
+    valid = np.concatenate([b["valid"] for b in bs])
+    assert valid.tolist() == [True] * 6 + [False] * 2
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in bs])[:6], val.labels)
+
+
+def test_cifar_pickle_cifar10_and_cifar100(tmp_path):
+    rng = np.random.default_rng(0)
+    d10 = tmp_path / "cifar-10-batches-py"
+    d10.mkdir()
+    raw = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        raw[name] = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+        with open(d10 / name, "wb") as f:
+            pickle.dump({"data": raw[name], "labels": [1, 2, 3]}, f)
+    with open(d10 / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    train, test = D.load_cifar_pickle(str(tmp_path))
+    assert D.is_cifar_pickle_dir(str(tmp_path))
+    assert train.images.shape == (15, 32, 32, 3) and test.images.shape == (3, 32, 32, 3)
+    # Channel-major rows: pixel (r, c) of channel ch is data[ch*1024 + r*32 + c].
+    assert train.images[4, 5, 6, 2] == raw["data_batch_2"][1, 2 * 1024 + 5 * 32 + 6]
+    assert train.classes[3] == "c3" and train.labels.tolist()[:3] == [1, 2, 3]
+    d100 = tmp_path / "c100" / "cifar-100-python"
+    d100.mkdir(parents=True)
+    for name in ("train", "test"):
+        with open(d100 / name, "wb") as f:
+            pickle.dump({"data": raw["test_batch"], "fine_labels": [7, 8, 99]}, f)
+    with open(d100 / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [str(i) for i in range(100)]}, f)
+    train, test = D.load_cifar_pickle(str(tmp_path / "c100"))
+    assert len(train.classes) == 100 and train.labels.tolist() == [7, 8, 99]
+    with pytest.raises(ValueError, match="no CIFAR python-pickle"):
+        D.load_cifar_pickle(str(tmp_path / "c100" / "cifar-100-python" / "x"))
+
+
+def test_digits_split_is_stratified_and_fixed():
+    train, test = D.load_digits_split()
+    assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+    assert len(train) + len(test) == 1797 and abs(len(test) - 359) <= 5
+    assert set(np.unique(test.labels)) == set(range(10))
+    again = D.load_digits_split()[1]
+    np.testing.assert_array_equal(test.labels, again.labels)
