@@ -5,8 +5,8 @@ jax-triton; on CPU every kernel runs in Pallas interpret mode.
 """
 
 from pallas_kernels.format import compress, decompress, top2_mask
-from pallas_kernels.resparsify import Resparsified, resparsify, resparsify_reference
-from pallas_kernels.spmm import spmm, spmm_bwd_data, spmm_reference
+from pallas_kernels.resparsify_kernel import Resparsified, resparsify, resparsify_reference
+from pallas_kernels.sparse_matmul import spmm, spmm_bwd_data, spmm_reference
 
 __all__ = [
     "Resparsified",

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.format import nibble, select
-from pallas_kernels.spmm import _next_pow2, _pad_to, _round_up, default_interpret
+from pallas_kernels.sparse_matmul import _next_pow2, _pad_to, _round_up, default_interpret
 
 
 class Resparsified(NamedTuple):
