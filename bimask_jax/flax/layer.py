@@ -9,6 +9,7 @@ leading axes; their permutations carry the same leading axes, ``perm.shape == (*
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -20,11 +21,13 @@ from bimask_jax.ops import sparse_dense
 from bimask_jax.permutation import search_permutation
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def kernel_masks(kernel, out_size: int, n: int, m: int, method: str, perm=None):
     """``(fwd, bwd)`` bool masks of ``kernel.shape`` from the matrix view ``(K, out_size)``.
 
     ``kernel``: floating ``(*in_axes, *out_axes)`` with ``prod(out_axes) == out_size`` and no stack
-    axes; ``perm``: int ``(out_size,)`` or None (identity).
+    axes; ``perm``: int ``(out_size,)`` or None (identity). Jitted (one compile per shape when called
+    eagerly, e.g. in ``model.init``; inlined under an outer ``jit``).
     """
     w2 = kernel.reshape(-1, out_size)
     fwd, bwd = layer_masks(w2, n, m, method, perm)
@@ -90,6 +93,7 @@ def is_channels_last(dimension_numbers, ndim: int) -> bool:
     return tuple(map(tuple, dn)) == tuple(map(tuple, want))
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def refresh_layer(key, kernel, perm, refreshes, n: int, m: int, num_candidates: int,
                   chunk_size=None):
     """One refresh of one (possibly stacked) layer: ``search_permutation`` on every stacked kernel
