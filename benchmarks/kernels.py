@@ -138,8 +138,27 @@ def torch_times(x_sets, w_dense, warmup, reps):
         return f"{type(e).__name__}: {e}"[:200]
 
 
+def sm90_times(xs, fv, fm, wf, f_dense, dense_ms, warmup, reps):
+    """Hopper sparse-wgmma forward (UNVERIFIED kernel): timings and error vs dense, or an error."""
+    try:
+        from pallas_kernels.hopper_sparse import pack_sm90_metadata, spmm_sm90, spmm_t_sm90
+
+        n = fv.shape[1]  # A = W^T has N rows: 128-row tiles where they divide, else 64
+        tiles = dict(tile_m=128 if n % 128 == 0 else 64, tile_n=128, tile_k=128)
+        f_full = jax.jit(lambda x, v, md: spmm_sm90(x, v, md, **tiles))
+        a_t, words = fv.T, pack_sm90_metadata(fm.T)
+        f_kernel = jax.jit(lambda a, w_, x: spmm_t_sm90(a, w_, x, **tiles))
+        err = rel_err(f_full(xs[0], fv, fm), f_dense(xs[0], wf))
+        full = time_calls(f_full, [(x, fv, fm) for x in xs], warmup, reps)
+        kern = time_calls(f_kernel, [(a_t, words, x) for x in xs], warmup, reps)
+        return dict(ms_with_transposes=full, ms_kernel=kern, rel_err=err,
+                    dense_over_kernel=dense_ms / kern)
+    except Exception as e:  # report, never hide
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def bench_shape(name, m, k, n, *, dtype, interpret, warmup, reps, l2_bytes, seed, blocks,
-                with_torch):
+                with_torch, with_sm90=False):
     key = jax.random.PRNGKey(seed)
     kw, kp, kx, kg = jax.random.split(key, 4)
     w = jax.random.normal(kw, (k, n), jnp.float32).astype(dtype)
@@ -199,6 +218,8 @@ def bench_shape(name, m, k, n, *, dtype, interpret, warmup, reps, l2_bytes, seed
         "dense_bwd/bwd_kernel": t["dense_bwd"] / t["bwd_kernel"],
         "resparsify/spmm": t["resparsify"] / t["spmm"],
     }
+    if with_sm90:
+        row["sm90"] = sm90_times(xs, fv, fm, wf, f_dense, t["dense"], warmup, reps)
     if with_torch:
         tt = torch_times(xs, wf, warmup, reps)
         row["torch"] = (dict(dense_ms=tt[0], sparse24_ms=tt[1], rel_err=tt[2],
@@ -210,7 +231,7 @@ def bench_shape(name, m, k, n, *, dtype, interpret, warmup, reps, l2_bytes, seed
 def print_table(rows):
     head = ("| shape | M | K | N | dense ms | spmm ms | dense/spmm | dense_bwd ms | bwd_xla ms | "
             "bwd_kernel ms | gather ms | resparsify ms | resp/spmm | torch dense/2:4 | "
-            "max rel err |")
+            "sm90 dense/kernel (err) | max rel err |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -219,10 +240,13 @@ def print_table(rows):
         tor_s = (f"{tor['dense_over_sparse']:.2f}x" if "dense_over_sparse" in tor
                  else tor.get("error", "-"))
         err = max(c["spmm"], c["bwd_xla"], c["bwd_kernel"])
+        sm = r.get("sm90", {})
+        sm_s = (f"{sm['dense_over_kernel']:.2f}x ({sm['rel_err']:.1e})"
+                if "dense_over_kernel" in sm else sm.get("error", "-"))
         print(f"| {r['name']} | {r['M']} | {r['K']} | {r['N']} | {t['dense']:.3f} | "
               f"{t['spmm']:.3f} | {q['dense/spmm']:.2f}x | {t['dense_bwd']:.3f} | "
               f"{t['bwd_xla']:.3f} | {t['bwd_kernel']:.3f} | {t['gather']:.3f} | "
-              f"{t['resparsify']:.3f} | {100 * q['resparsify/spmm']:.0f}% | {tor_s} | "
+              f"{t['resparsify']:.3f} | {100 * q['resparsify/spmm']:.0f}% | {tor_s} | {sm_s} | "
               f"{err:.1e}{'' if c['resparsify_exact'] else ' RESPARSIFY MISMATCH'} |")
 
 
@@ -240,6 +264,8 @@ def main(argv=None):
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--block-k", type=int, default=256)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--sm90", action="store_true",
+                    help="also time the (unverified) Hopper sparse-wgmma forward kernel")
     ap.add_argument("--out", default="", help="JSON output path")
     args = ap.parse_args(argv)
 
@@ -273,7 +299,8 @@ def main(argv=None):
         row = bench_shape(name, m, k, n, dtype=dtype, interpret=args.interpret,
                           warmup=args.warmup, reps=args.reps, l2_bytes=args.l2_mib * 2**20,
                           seed=len(rows), blocks=blocks,
-                          with_torch=on_gpu and not args.no_torch)
+                          with_torch=on_gpu and not args.no_torch,
+                          with_sm90=args.sm90 and on_gpu)
         rows.append(row)
         print(f"done {name}: " + ", ".join(f"{a}={b:.3f}ms" for a, b in row["ms"].items()),
               file=sys.stderr, flush=True)
