@@ -1,0 +1,241 @@
+"""Cost of Bi-Mask's masks and permutation refresh, side by side with the reference procedure.
+
+For every sparse layer of ResNet-50 (all convs but the stem) and DeiT-Small (qkv, proj, fc1, fc2 of
+12 blocks), with random kernels:
+
+* per-step time to compute (fwd, bwd) masks for the whole model under one ``jit``;
+* time of one permutation refresh with 100 candidates;
+* retained fraction (score / forward-kept count) for the identity vs. the searched permutation;
+* peak temporary memory of the search (XLA's compiled memory analysis).
+
+The reference procedure (``../shared/anchors/ref_procedure.py``: argsort + scatter masks per layer,
+and a Python loop over random candidates, in torch) runs in the same process on the same shapes
+when torch is installed. Usage::
+
+    python benchmarks/masks.py [--ref PATH/ref_procedure.py] [--out benchmarks/results/masks.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bimask_jax as bj  # noqa: E402
+from benchmarks.layer_shapes import (  # noqa: E402
+    as_matrix,
+    deit_small_sparse_kernels,
+    resnet50_sparse_kernels,
+)
+
+N, M = 2, 4
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def load_reference(path: str):
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    spec = importlib.util.spec_from_file_location("ref_procedure", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return mod, torch
+
+
+def model_masks_fn(method: str = "bimask"):
+    @jax.jit
+    def masks(kernels, perms):
+        return [bj.layer_masks(k, N, M, method, p) for k, p in zip(kernels, perms, strict=True)]
+
+    return masks
+
+
+def refresh_fn(num_candidates: int):
+    @jax.jit
+    def refresh(key, kernels, perms):
+        keys = jax.random.split(key, len(kernels))
+        return [
+            bj.search_permutation(kk, k, N, M, num_candidates, init=p)
+            for kk, k, p in zip(keys, kernels, perms, strict=True)
+        ]
+
+    return refresh
+
+
+def retained(kernels, perms):
+    kept = ident = score = 0
+    for k, p in zip(kernels, perms, strict=True):
+        f = bj.forward_mask(k, N, M)
+        kept += int(f.sum())
+        ident += int(bj.permutation_score(k, f, jnp.arange(k.shape[-1]), N, M))
+        score += int(bj.permutation_score(k, f, p, N, M))
+    return ident / kept, score / kept
+
+
+def bench_model(name, shapes, ref, torch, args, rng):
+    kernels = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    perms = [jnp.asarray(rng.permutation(s[-1]), jnp.int32) for s in shapes]
+    row = {"model": name, "layers": len(shapes), "params": int(sum(k.size for k in kernels))}
+
+    masks = model_masks_fn()
+    row["ours_step_masks_s"] = timeit(
+        lambda: jax.block_until_ready(masks(kernels, perms)), args.repeats
+    )
+    refresh = refresh_fn(100)
+    key = jax.random.key(0)
+    row["ours_refresh100_s"] = timeit(
+        lambda: jax.block_until_ready(refresh(key, kernels, perms)), max(1, args.repeats // 2)
+    )
+    ident_perms = [jnp.arange(s[-1], dtype=jnp.int32) for s in shapes]
+    searched = refresh(key, kernels, ident_perms)
+    row["retained_identity"], row["retained_random100"] = retained(kernels, searched)
+
+    big = max(shapes, key=lambda s: np.prod(s))
+    kb = jnp.zeros(big, jnp.float32)
+    mem = (
+        jax.jit(lambda kk, k: bj.search_permutation(kk, k, N, M, 100))
+        .lower(key, kb)
+        .compile()
+        .memory_analysis()
+    )
+    row["search_peak_temp_MiB_largest_layer"] = (
+        None if mem is None else round(mem.temp_size_in_bytes / 2**20, 2)
+    )
+    row["largest_layer"] = list(big)
+
+    if ref is not None:
+        tk = [torch.from_numpy(np.asarray(k).reshape(as_matrix(k.shape))) for k in kernels]
+        tp = [np.asarray(p) for p in perms]
+
+        def ref_step():
+            for w, p in zip(tk, tp, strict=True):
+                fm = ref.fwd_mask(w, N, M)
+                ref.bwd_mask(w, fm, p, N, M)
+
+        row["ref_step_masks_s"] = timeit(ref_step, max(1, args.repeats // 4))
+        row["step_speedup"] = row["ref_step_masks_s"] / row["ours_step_masks_s"]
+    return row
+
+
+def bench_refresh_anchor(ref, torch, args, rng):
+    """The anchor's refresh: the four distinct 3x3 convs of ResNet-50, 100 candidates each."""
+    shapes = [(3, 3, c, c) for c in (64, 128, 256, 512)]
+    kernels = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    perms = [jnp.arange(s[-1], dtype=jnp.int32) for s in shapes]
+    refresh = refresh_fn(100)
+    key = jax.random.key(1)
+    row = {"what": "refresh, 100 candidates, ResNet-50 3x3 convs (576x64 .. 4608x512)"}
+    row["ours_s"] = timeit(
+        lambda: jax.block_until_ready(refresh(key, kernels, perms)), args.repeats
+    )
+    if ref is not None:
+        tk = [torch.from_numpy(np.asarray(k).reshape(as_matrix(k.shape))) for k in kernels]
+        np_rng = np.random.default_rng(0)
+        row["ref_s"] = timeit(lambda: [ref.search(w, N, M, 100, np_rng) for w in tk], 1, warmup=0)
+        row["speedup"] = row["ref_s"] / row["ours_s"]
+    return row
+
+
+def main(argv=None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--ref", default=os.path.join(here, "..", "..", "shared", "anchors", "ref_procedure.py")
+    )
+    p.add_argument("--out", default=os.path.join(here, "results", "masks.json"))
+    p.add_argument("--repeats", type=int, default=8)
+    args = p.parse_args(argv)
+
+    ref, torch = load_reference(args.ref) if os.path.exists(args.ref) else (None, None)
+    if ref is None:
+        print(f"reference procedure not run (torch missing or {args.ref} absent)")
+    rng = np.random.default_rng(0)
+    rows = [
+        bench_model("ResNet-50", resnet50_sparse_kernels(), ref, torch, args, rng),
+        bench_model("DeiT-Small", deit_small_sparse_kernels(), ref, torch, args, rng),
+    ]
+    anchor = bench_refresh_anchor(ref, torch, args, rng)
+
+    print(
+        f"\n{N}:{M} masks, jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} cores"
+    )
+    hdr = (
+        "model",
+        "layers",
+        "ours step (ms)",
+        "ref step (ms)",
+        "speed-up",
+        "ours refresh-100 (s)",
+        "retained identity",
+        "retained random-100",
+        "search temp MiB",
+    )
+    print(" | ".join(hdr))
+    for r in rows:
+        print(
+            " | ".join(
+                str(v)
+                for v in (
+                    r["model"],
+                    r["layers"],
+                    f"{1e3 * r['ours_step_masks_s']:.1f}",
+                    f"{1e3 * r['ref_step_masks_s']:.0f}" if "ref_step_masks_s" in r else "-",
+                    f"{r['step_speedup']:.0f}x" if "step_speedup" in r else "-",
+                    f"{r['ours_refresh100_s']:.3f}",
+                    f"{r['retained_identity']:.4f}",
+                    f"{r['retained_random100']:.4f}",
+                    r["search_peak_temp_MiB_largest_layer"],
+                )
+            )
+        )
+    print(
+        f"\n{anchor['what']}: ours {anchor['ours_s']:.3f} s"
+        + (
+            f", reference {anchor['ref_s']:.2f} s, speed-up {anchor['speedup']:.0f}x"
+            if "ref_s" in anchor
+            else ""
+        )
+    )
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "n": N,
+                "m": M,
+                "jax": jax.__version__,
+                "cores": os.cpu_count(),
+                "models": rows,
+                "refresh_anchor": anchor,
+            },
+            f,
+            indent=2,
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
