@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from bimask_jax._checks import check_divisible, check_kernel, check_mask, check_nm, check_perm
+from bimask_jax.local_search import STRIPE_MAX_M, stripe_search, swap_search
 from bimask_jax.masks import forward_mask
+
+SEARCH_METHODS = ("random", "swap", "stripe")
 
 # Peak memory budget of one chunk of vmapped candidate scoring, in bytes (see search_permutation).
 _CHUNK_BYTES = 64 * 2**20
@@ -95,6 +98,12 @@ def default_chunk_size(k: int, c: int, num_candidates: int) -> int:
     return max(1, min(max(num_candidates, 1), _CHUNK_BYTES // max(1, k * c)))
 
 
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a Python int >= {minimum}, got {value!r}")
+    return value
+
+
 def search_permutation(
     key,
     kernel,
@@ -105,38 +114,57 @@ def search_permutation(
     fwd=None,
     init=None,
     chunk_size: int | None = None,
+    method: str = "random",
+    iterations: int = 64,
+    patience: int = 0,
+    kick: int = 0,
 ):
-    """The paper's permutation search: best of the incumbent and ``num_candidates`` random ones.
+    """Searches the output-column permutation of the backward mask, starting from an incumbent.
 
-    Candidate ``i`` is ``jax.random.permutation(jax.random.split(key, num_candidates)[i], C)``;
-    candidates are generated and scored with ``vmap`` in chunks of ``chunk_size`` (``lax.map``), so
-    all candidates are never held at once. Peak extra memory is about
-    ``chunk_size * K * C`` bytes (one int8 gathered forward mask per candidate in the chunk) plus
-    ``chunk_size * C * 4`` bytes of permutations; the default chunk keeps the first term <= 64 MiB.
+    ``method="random"`` is the paper's procedure: the best of the incumbent and ``num_candidates``
+    random permutations. Candidate ``i`` is
+    ``jax.random.permutation(jax.random.split(key, num_candidates)[i], C)``; candidates are generated
+    and scored with ``vmap`` in chunks of ``chunk_size`` (``lax.map``), so all candidates are never
+    held at once. Peak extra memory is about ``chunk_size * K * C`` bytes (one int8 gathered forward
+    mask per candidate in the chunk) plus ``chunk_size * C * 4`` bytes of permutations; the default
+    chunk keeps the first term <= 64 MiB. The incumbent is candidate 0 and ties keep the earlier
+    candidate, so ``num_candidates=0`` returns ``init`` unchanged (the paper's "no permutation"
+    ablation when ``init`` is the identity).
 
-    The incumbent ``init`` (default: the identity) is candidate 0, and ties keep the earlier
-    candidate, so the result never scores below ``init`` and ``num_candidates=0`` returns ``init``
-    unchanged (the paper's "no permutation" ablation when ``init`` is the identity).
+    ``method="stripe"`` and ``method="swap"`` are local searches from the incumbent
+    (``bimask_jax.local_search``), ``iterations`` iterations each, jit-compiled:
+
+    * ``"stripe"``: each iteration pairs the ``C/m`` groups at random and re-splits the ``2m``
+      columns of every pair optimally (all ``C(2m-1, m-1)`` splits). ``O(C K)`` per iteration;
+      needs ``m <= 6``.
+    * ``"swap"``: each iteration computes the gain of every cross-group exchange of two columns
+      (a ``(C, C)`` matrix, ``O(C^2 K)``) and applies the best exchanges of disjoint group pairs.
+
+    With ``patience > 0`` and ``kick >= 2``, after ``patience`` iterations without gain, ``kick``
+    random positions are rotated and the search goes on (the best permutation seen is returned).
+
+    Every method returns a permutation that scores at least as high as ``init``, and ``init``
+    itself when the budget (``num_candidates`` / ``iterations``) is 0.
 
     Args:
       key: a PRNG key.
       kernel: floating ``(K, C)`` or ``(*window, Cin, C)`` with ``Cin % m == 0`` and ``C % m == 0``.
       n, m: the N:M ratio (Python ints).
-      num_candidates: number of random permutations (Python int, >= 0). Paper: 100.
+      num_candidates: ``"random"`` only: number of random permutations (Python int >= 0). Paper: 100.
       fwd: the forward mask, if already computed (bool, ``kernel.shape``); else ``forward_mask``.
       init: int ``(C,)`` incumbent permutation; default ``arange(C)``.
-      chunk_size: candidates per vmapped chunk (Python int >= 1); default from the 64 MiB budget.
+      chunk_size: ``"random"`` only: candidates per vmapped chunk (Python int >= 1); default from
+        the 64 MiB budget.
+      method: ``"random"`` (default), ``"stripe"`` or ``"swap"``.
+      iterations: ``"stripe"``/``"swap"`` only: number of iterations (Python int >= 0).
+      patience, kick: ``"stripe"``/``"swap"`` only: random kicks (Python ints >= 0; 0: none).
 
     Returns:
       int32 ``(C,)``, the best permutation found.
     """
     kernel, n, m = _check_score_args(kernel, fwd, n, m)
-    if (
-        isinstance(num_candidates, bool)
-        or not isinstance(num_candidates, int)
-        or num_candidates < 0
-    ):
-        raise ValueError(f"num_candidates must be a Python int >= 0, got {num_candidates!r}")
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
     c = kernel.shape[-1]
     k = kernel.size // c
     if init is None:
@@ -144,12 +172,14 @@ def search_permutation(
     else:
         check_perm(init, c, "init")
         init = jnp.asarray(init, jnp.int32)
+    if method != "random":
+        return _local_search(key, kernel, fwd, init, n, m, method, iterations, patience, kick)
+    _check_count("num_candidates", num_candidates, 0)
     if num_candidates == 0:
         return init
     if chunk_size is None:
         chunk_size = default_chunk_size(k, c, num_candidates)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a Python int >= 1, got {chunk_size!r}")
+    _check_count("chunk_size", chunk_size, 1)
     if fwd is None:
         fwd = forward_mask(kernel, n, m)
     ft = _kept_by_column(fwd, c)
@@ -165,3 +195,30 @@ def search_permutation(
     best = jnp.argmax(scores)  # first maximum: earlier candidates win ties
     incumbent = _score_columns(ft, init, n, m)
     return jnp.where(scores[best] > incumbent, draw(keys[best]), init)
+
+
+def _local_search(key, kernel, fwd, init, n, m, method, iterations, patience, kick):
+    """``search_permutation`` for ``method`` in ("stripe", "swap"); arguments already checked
+    except the local-search ones."""
+    c = kernel.shape[-1]
+    _check_count("iterations", iterations, 0)
+    _check_count("patience", patience, 0)
+    _check_count("kick", kick, 0)
+    if kick > c:
+        raise ValueError(f"kick must be <= the number of output columns C={c}, got {kick}")
+    if method == "stripe" and m > STRIPE_MAX_M:
+        raise ValueError(
+            f"method='stripe' needs m <= {STRIPE_MAX_M} (its split table has 2^(2m) rows), "
+            f"got m={m}; use method='swap'"
+        )
+    if iterations == 0:
+        return init
+    if fwd is None:
+        fwd = forward_mask(kernel, n, m)
+    ft = _kept_by_column(fwd, c)
+    search = stripe_search if method == "stripe" else swap_search
+    best = search(
+        ft, init, key, n=n, m=m, iterations=iterations, patience=patience, kick=kick
+    )
+    # The searches never lower the score; this guard makes that independent of their bookkeeping.
+    return jnp.where(_score_columns(ft, best, n, m) >= _score_columns(ft, init, n, m), best, init)
