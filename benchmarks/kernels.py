@@ -263,6 +263,8 @@ def main(argv=None):
     ap.add_argument("--block-m", type=int, default=64)
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--block-k", type=int, default=256)
+    ap.add_argument("--loads", default="strided", choices=["strided", "split"],
+                    help="spmm kernel variant (see pallas_kernels.spmm)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--sm90", action="store_true",
                     help="also time the (unverified) Hopper sparse-wgmma forward kernel")
@@ -283,9 +285,10 @@ def main(argv=None):
         keep = tuple(args.only.split(","))
         shapes = [s for s in shapes if s[0].startswith(keep)]
     dtype = jnp.dtype(args.dtype)
-    blocks = dict(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k)
+    blocks = dict(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k,
+                  loads=args.loads)
     if args.interpret:
-        blocks = dict(block_m=16, block_n=16, block_k=32)
+        blocks = dict(block_m=16, block_n=16, block_k=32, loads=args.loads)
     meta = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                 jax=jax.__version__, python=platform.python_version(), dtype=args.dtype,
                 interpret=args.interpret, blocks=blocks, warmup=args.warmup, reps=args.reps,

@@ -70,21 +70,31 @@ def _effective_blocks(m, n, k, block_m, block_n, block_k, interpret):
             min(block_k, max(128, _next_pow2(k))))
 
 
-def _expand_phases(v_ref, m_ref, kk, bk):
+def _deinterleave(a, n, axis):
+    """Parts ``a[i::n]`` along ``axis`` (i = 0..n-1) by reshape + equal splits (lowers to Triton)."""
+    shp = a.shape
+    a = a.reshape(*shp[:axis], shp[axis] // n, n, *shp[axis + 1:])
+    return [jnp.squeeze(t, axis + 1) for t in jnp.split(a, n, axis=axis + 1)]
+
+
+def _expand_phases(v_ref, m_ref, kk, bk, loads):
     """Yield ``(e, p, D[e, p])`` for reduction step ``kk`` (see module doc)."""
     q = bk // 8
     meta = m_ref[pl.ds(kk * q, q), :].astype(jnp.int32)  # (q, bn): byte r = groups 2r, 2r+1
+    if loads == "split":  # one contiguous (bk/2, bn) load, rows 4r + c split in registers
+        vparts = _deinterleave(v_ref[pl.ds(kk * (bk // 2), bk // 2), :], 4, 0)
+    else:  # four stride-4 row loads
+        vparts = [v_ref[pl.ds(kk * (bk // 2) + c, q, stride=4), :] for c in range(4)]
     for e in range(2):
         nib = (meta >> (4 * e)) & 15
         i0, i1 = nib & 3, nib >> 2
-        v0 = v_ref[pl.ds(kk * (bk // 2) + 2 * e, q, stride=4), :]
-        v1 = v_ref[pl.ds(kk * (bk // 2) + 2 * e + 1, q, stride=4), :]
+        v0, v1 = vparts[2 * e], vparts[2 * e + 1]
         zero = jnp.zeros_like(v0)
         for p in range(4):
             yield e, p, jnp.where(i0 == p, v0, jnp.where(i1 == p, v1, zero))
 
 
-def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool):
+def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool, loads: str):
     if gather:
         x_ref, v_ref, m_ref, perm_ref, *rest = refs
     else:
@@ -93,16 +103,31 @@ def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool):
     bm, bn = o_ref.shape
     q = bk // 8
 
-    def body(kk, acc):
-        for e, p, d in _expand_phases(v_ref, m_ref, kk, bk):
-            start = kk * bk + 4 * e + p
+    def x_parts(kk):
+        """The 8 column phases x[:, kk*bk + 8r + 4e + p], indexed [4e + p]."""
+        if loads == "split":
+            if gather:
+                cols = perm_ref[pl.ds(kk * bk, bk)]
+                rows = lax.broadcasted_iota(jnp.int32, (bm, bk), 0)
+                tile = x_ref[rows, jnp.broadcast_to(cols[None, :], (bm, bk))]
+            else:
+                tile = x_ref[:, pl.ds(kk * bk, bk)]
+            return _deinterleave(tile, 8, 1)
+        parts = []
+        for ph in range(8):
+            start = kk * bk + ph
             if gather:  # columns perm[start::8] of this row block
                 cols = perm_ref[pl.ds(start, q, stride=8)]
                 rows = lax.broadcasted_iota(jnp.int32, (bm, q), 0)
-                xs = x_ref[rows, jnp.broadcast_to(cols[None, :], (bm, q))]
+                parts.append(x_ref[rows, jnp.broadcast_to(cols[None, :], (bm, q))])
             else:
-                xs = x_ref[:, pl.ds(start, q, stride=8)]
-            acc = acc + jnp.dot(xs, d, preferred_element_type=jnp.float32)
+                parts.append(x_ref[:, pl.ds(start, q, stride=8)])
+        return parts
+
+    def body(kk, acc):
+        xs = x_parts(kk)
+        for e, p, d in _expand_phases(v_ref, m_ref, kk, bk, loads):
+            acc = acc + jnp.dot(xs[4 * e + p], d, preferred_element_type=jnp.float32)
         return acc
 
     acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
@@ -111,9 +136,10 @@ def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages", "out_dtype"))
+    static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages", "out_dtype",
+                     "loads"))
 def _spmm_padded(x, values, metadata, perm, out_init, *, bm, bn, bk, interpret, num_warps,
-                 num_stages, out_dtype):
+                 num_stages, out_dtype, loads):
     """x (Mp, Kp), values (Kp/2, Np), metadata (Kp/8, Np), perm (Kp,) int32 or None; all divide."""
     mp, kp = x.shape
     np_ = values.shape[1]
@@ -131,7 +157,8 @@ def _spmm_padded(x, values, metadata, perm, out_init, *, bm, bn, bk, interpret, 
     if aliased:
         in_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
         args.append(out_init)
-    kernel = functools.partial(_spmm_kernel, bk=bk, nk=kp // bk, gather=gather, aliased=aliased)
+    kernel = functools.partial(_spmm_kernel, bk=bk, nk=kp // bk, gather=gather, aliased=aliased,
+                               loads=loads)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
@@ -147,9 +174,11 @@ def _spmm_padded(x, values, metadata, perm, out_init, *, bm, bn, bk, interpret, 
 
 
 def _spmm_impl(x, values, metadata, perm, *, block_m, block_n, block_k, interpret, num_warps,
-               num_stages, out_dtype, out_init):
+               num_stages, out_dtype, out_init, loads):
     x, values, metadata = jnp.asarray(x), jnp.asarray(values), jnp.asarray(metadata)
     _check_blocks(block_m, block_n, block_k)
+    if loads not in ("strided", "split"):
+        raise ValueError(f"loads must be 'strided' or 'split', got {loads!r}")
     if x.ndim < 1 or values.ndim != 2 or metadata.ndim != 2:
         raise ValueError(
             f"expected x (..., K), values (K/2, N), metadata (ceil(K/8), N); got shapes "
@@ -186,13 +215,13 @@ def _spmm_impl(x, values, metadata, perm, *, block_m, block_n, block_k, interpre
     if out_init is not None:
         out_init = _pad_to(jnp.asarray(out_init, out_dtype).reshape(-1, n), (mp, np_))
     y = _spmm_padded(x2, v, md, perm, out_init, bm=bm, bn=bn, bk=bk, interpret=bool(interpret),
-                     num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype)
+                     num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype, loads=loads)
     return y[:m, :n].reshape(*lead, n)
 
 
 def spmm(x, values, metadata, *, block_m: int = 64, block_n: int = 64, block_k: int = 256,
          interpret: bool | None = None, num_warps: int = 4, num_stages: int = 3,
-         out_dtype=None, out_init=None):
+         out_dtype=None, out_init=None, loads: str = "strided"):
     """``y = x @ W`` for ``W`` (K, N) given as ``compress(W, axis=0)``.
 
     Args:
@@ -205,18 +234,22 @@ def spmm(x, values, metadata, *, block_m: int = 64, block_n: int = 64, block_k: 
       out_dtype: result dtype; default ``result_type(x, values)``. Accumulation is always fp32.
       out_init: optional (..., N) array the output buffer is aliased to before the call (tests pass
         NaNs to prove every element is written).
+      loads: how the kernel reads the phase slices: ``"strided"`` (stride-8 column loads of x,
+        stride-4 row loads of values) or ``"split"`` (contiguous tile loads, split in registers by
+        reshape + equal splits). Same result; which is faster on a GPU is not measured yet.
 
     Returns:
       (..., N) array.
     """
     return _spmm_impl(x, values, metadata, None, block_m=block_m, block_n=block_n,
                       block_k=block_k, interpret=interpret, num_warps=num_warps,
-                      num_stages=num_stages, out_dtype=out_dtype, out_init=out_init)
+                      num_stages=num_stages, out_dtype=out_dtype, out_init=out_init, loads=loads)
 
 
 def spmm_bwd_data(g, values_t, metadata_t, perm, *, gather: str = "xla", block_m: int = 64,
                   block_n: int = 64, block_k: int = 256, interpret: bool | None = None,
-                  num_warps: int = 4, num_stages: int = 3, out_dtype=None, out_init=None):
+                  num_warps: int = 4, num_stages: int = 3, out_dtype=None, out_init=None,
+                  loads: str = "strided"):
     """Bi-Mask backward-data product ``dx = g @ (W*Mb)^T``.
 
     The operand is ``B = ((W*Mb)[:, perm]).T`` of shape (C, K), 2:4 along axis 0 (the output
@@ -242,7 +275,8 @@ def spmm_bwd_data(g, values_t, metadata_t, perm, *, gather: str = "xla", block_m
     if perm.shape != (c,):
         raise ValueError(f"perm must have shape ({c},) (g's last axis), got {perm.shape}")
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, interpret=interpret,
-              num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype, out_init=out_init)
+              num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype, out_init=out_init,
+              loads=loads)
     if gather == "xla":
         return _spmm_impl(jnp.take(g, perm, axis=-1), values_t, metadata_t, None, **kw)
     return _spmm_impl(g, values_t, metadata_t, perm, **kw)

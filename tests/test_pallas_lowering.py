@@ -27,20 +27,23 @@ def assert_triton_calls(text, count):
     assert text.count("__gpu$xla.gpu.triton") == count, text[:2000]
 
 
-@pytest.mark.parametrize("dtype", [BF16, jnp.float32])
-def test_spmm_lowers_to_triton(dtype):
+@pytest.mark.parametrize("dtype,loads", [(BF16, "strided"), (BF16, "split"),
+                                         (jnp.float32, "strided")])
+def test_spmm_lowers_to_triton(dtype, loads):
     m, k, n = 200, 768, 384  # ragged M: padded to the tile
     text = lower_cuda(lambda x, v, md: spmm(x, v, md, interpret=False, block_m=64, block_n=128,
-                                            block_k=256),
+                                            block_k=256, loads=loads),
                       S((m, k), dtype), S((k // 2, n), dtype), S((k // 8, n), jnp.uint8))
     assert_triton_calls(text, 1)
 
 
-@pytest.mark.parametrize("gather", ["xla", "kernel"])
-def test_bwd_data_lowers_to_triton(gather):
+@pytest.mark.parametrize("gather,loads", [("xla", "strided"), ("kernel", "strided"),
+                                          ("kernel", "split")])
+def test_bwd_data_lowers_to_triton(gather, loads):
     m, k, c = 256, 384, 512
     text = lower_cuda(
-        lambda g, v, md, p: spmm_bwd_data(g, v, md, p, gather=gather, interpret=False),
+        lambda g, v, md, p: spmm_bwd_data(g, v, md, p, gather=gather, interpret=False,
+                                          loads=loads),
         S((m, c), BF16), S((c // 2, k), BF16), S((c // 8, k), jnp.uint8), S((c,), jnp.int32))
     assert_triton_calls(text, 1)
 
@@ -57,13 +60,14 @@ def test_lowering_catches_a_bad_block_shape():
                    S((96, 512), BF16), S((256, 128), BF16), S((64, 128), jnp.uint8))
 
 
-def _portable_kernel_on_mosaic_gpu(bm, bk, bn):
+def _portable_kernel_on_mosaic_gpu(bm, bk, bn, loads="strided"):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from pallas_kernels.sparse_matmul import _spmm_kernel
 
     def f(x, v, md):
-        kern = functools.partial(_spmm_kernel, bk=bk, nk=1, gather=False, aliased=False)
+        kern = functools.partial(_spmm_kernel, bk=bk, nk=1, gather=False, aliased=False,
+                                 loads=loads)
         return pl.pallas_call(
             kern, out_shape=S((bm, bn), BF16), grid=(1, 1),
             in_specs=[pl.BlockSpec((bm, bk), lambda i, j: (i, 0)),
@@ -75,14 +79,17 @@ def _portable_kernel_on_mosaic_gpu(bm, bk, bn):
     return lower_cuda(f, S((bm, bk), BF16), S((bk // 2, bn), BF16), S((bk // 8, bn), jnp.uint8))
 
 
-def test_portable_kernel_on_mosaic_gpu():
-    """The Triton-style body (stride-8 ref slices) on Mosaic GPU: skipped with the lowering's reason.
+@pytest.mark.parametrize("loads", ["strided", "split"])
+def test_portable_kernel_on_mosaic_gpu(loads):
+    """The Triton-style body on Mosaic GPU: skipped with the lowering's reason.
 
-    (Recorded with jax 0.10.2: ``NotImplementedError: Unsupported slice: Slice(start=..., size=16,
-    stride=4)`` -- Mosaic GPU refs take no strided slices; the Hopper route is the sparse wgmma.)
+    Recorded with jax 0.10.2: ``loads="strided"``: ``NotImplementedError: Unsupported slice:
+    Slice(start=..., size=16, stride=8)`` (Mosaic GPU refs take no strided slices);
+    ``loads="split"``: ``NotImplementedError: Unimplemented primitive in Pallas Mosaic GPU lowering:
+    split``. The Hopper route is the sparse wgmma of ``hopper_sparse.py`` instead.
     """
     try:
-        _portable_kernel_on_mosaic_gpu(64, 128, 64)
+        _portable_kernel_on_mosaic_gpu(64, 128, 64, loads)
     except NotImplementedError as e:
         pytest.skip(f"Mosaic GPU cannot lower the portable kernel body: {e}")
 

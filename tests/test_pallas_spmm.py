@@ -28,21 +28,22 @@ TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, at
 
 
 @pytest.mark.parametrize(
-    "lead,k,n,dtype,blocks",
+    "lead,k,n,dtype,blocks,loads",
     [
-        ((5,), 40, 24, jnp.float32, {}),                                # ragged M, K % 8 == 4, N
-        ((2, 3), 64, 20, jnp.bfloat16, {}),                             # batch axes, bf16
-        ((33,), 136, 70, jnp.float32, dict(block_m=16, block_n=32, block_k=32)),  # many tiles
+        ((5,), 40, 24, jnp.float32, {}, "strided"),                     # ragged M, K % 8 == 4, N
+        ((2, 3), 64, 20, jnp.bfloat16, {}, "split"),                    # batch axes, bf16
+        ((33,), 136, 70, jnp.float32, dict(block_m=16, block_n=32, block_k=32), "strided"),
+        ((33,), 136, 70, jnp.float32, dict(block_m=16, block_n=32, block_k=32), "split"),
     ],
 )
-def test_spmm_matches_numpy_and_decompress_dot(lead, k, n, dtype, blocks):
+def test_spmm_matches_numpy_and_decompress_dot(lead, k, n, dtype, blocks, loads):
     rng = np.random.default_rng(k + n)
     w = nonzero_uniform(rng, (k, n))
     w = jnp.asarray(w * np_top2(w, 0), dtype)
     x = jnp.asarray(nonzero_uniform(rng, (*lead, k)), dtype)
     values, meta = compress(w, 0)
     poison = jnp.full((*lead, n), jnp.nan, dtype)
-    y = spmm(x, values, meta, out_init=poison, interpret=True, **blocks)
+    y = spmm(x, values, meta, out_init=poison, interpret=True, loads=loads, **blocks)
     assert y.shape == (*lead, n) and y.dtype == dtype
     assert not np.isnan(as_f32(y)).any()
     ref_np = as_f32(x) @ as_f32(w)  # independent: NumPy on the dense masked kernel
@@ -51,9 +52,10 @@ def test_spmm_matches_numpy_and_decompress_dot(lead, k, n, dtype, blocks):
     np.testing.assert_allclose(as_f32(y), as_f32(ref_pk), **TOL[dtype])
 
 
-@pytest.mark.parametrize("gather", ["xla", "kernel"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_bwd_data_is_g_times_masked_kernel_transposed(gather, dtype):
+@pytest.mark.parametrize("gather,dtype,loads", [
+    ("xla", jnp.float32, "strided"), ("xla", jnp.bfloat16, "split"),
+    ("kernel", jnp.float32, "split"), ("kernel", jnp.bfloat16, "strided")])
+def test_bwd_data_is_g_times_masked_kernel_transposed(gather, dtype, loads):
     rng = np.random.default_rng(7)
     k, c, m = 36, 24, 7
     w = nonzero_uniform(rng, (k, c))
@@ -65,7 +67,7 @@ def test_bwd_data_is_g_times_masked_kernel_transposed(gather, dtype):
     g = jnp.asarray(nonzero_uniform(rng, (m, c)), dtype)
     values_t, meta_t = compress(wb[:, perm].T, 0)
     np.testing.assert_array_equal(as_f32(decompress(values_t, meta_t, 0)), as_f32(wb)[:, perm].T)
-    dx = spmm_bwd_data(g, values_t, meta_t, perm, gather=gather, interpret=True,
+    dx = spmm_bwd_data(g, values_t, meta_t, perm, gather=gather, interpret=True, loads=loads,
                        out_init=jnp.full((m, k), jnp.nan, dtype))
     assert dx.shape == (m, k) and dx.dtype == dtype
     np.testing.assert_allclose(as_f32(dx), as_f32(g) @ as_f32(wb).T, **TOL[dtype])
@@ -80,6 +82,8 @@ def test_spmm_rejects_bad_inputs():
         spmm(x, v, m.astype(jnp.int32))
     with pytest.raises(ValueError, match="block_k=12 must be a multiple of 8"):
         spmm(x, v, m, block_k=12)
+    with pytest.raises(ValueError, match="loads must be"):
+        spmm(x, v, m, loads="tma")
     with pytest.raises(ValueError, match="gather must be"):
         spmm_bwd_data(jnp.ones((2, 16)), v, m, jnp.arange(16), gather="loop")
     with pytest.raises(ValueError, match="perm must have shape"):
