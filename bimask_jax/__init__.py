@@ -8,10 +8,23 @@ The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendl
   :func:`search_efficacy`.
 * products with Bi-Mask's gradients: :func:`sparse_dense`, :func:`sparse_conv`.
 
+Around it, for Flax models (linen and nnx): :func:`sparse` wraps an unmodified model;
+:func:`refresh` / :func:`maybe_refresh` / :func:`refresh_due` update the per-layer permutations;
+:func:`summary` reports per-layer sparsity; :func:`export` gives plain inference weights.
+
 Kernel layout is Flax's: the last axis is the output axis C, every other axis is reduction; a conv
 kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``.
 """
 
+from bimask_jax.flax import (
+    BimaskState,
+    export,
+    maybe_refresh,
+    refresh,
+    refresh_due,
+    sparse,
+    summary,
+)
 from bimask_jax.masks import (
     METHODS,
     backward_mask,
@@ -33,6 +46,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "BimaskState",
+    "export",
+    "maybe_refresh",
+    "refresh",
+    "refresh_due",
+    "sparse",
+    "summary",
     "backward_mask",
     "forward_mask",
     "inverse_permutation",
