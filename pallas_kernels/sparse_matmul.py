@@ -12,7 +12,9 @@ Kernel (one body for the Triton GPU backend and for interpret mode on CPU):
   ``sum_{e,p} x_{e,p} @ D[e, p]`` into an fp32 accumulator. Dense ``W`` never exists in HBM.
 
 Ragged edges: ``M``, ``N`` and ``K`` are zero-padded up to the tile sizes in the wrapper (a no-op
-when they divide); padded metadata uses the valid nibble ``0b0100`` with zero values.
+when they divide; on GPU ``block_k`` is lowered to the power of two >= 128 that pads K least, e.g.
+K = 1152 runs with 128; K = 64 or 576 are still padded, which copies x); padded metadata uses the
+valid nibble ``0b0100`` with zero values.
 On GPU (``interpret=False``) the call passes the Triton ``CompilerParams`` explicitly, so it lowers
 through Pallas' Triton backend (a plain ``pallas_call`` would go to Mosaic GPU); block sizes must then
 be powers of two and ``block_k >= 128`` (Triton's ``dot`` needs a reduction dim >= 16).
@@ -66,8 +68,11 @@ def _effective_blocks(m, n, k, block_m, block_n, block_k, interpret):
     if interpret:
         return (min(block_m, _round_up(m, 8)), min(block_n, _round_up(n, 8)),
                 min(block_k, _round_up(k, 8)))
-    return (min(block_m, max(16, _next_pow2(m))), min(block_n, max(16, _next_pow2(n))),
-            min(block_k, max(128, _next_pow2(k))))
+    bk = min(block_k, max(128, _next_pow2(k)))
+    # a smaller power-of-two block_k (>= 128) that pads K less avoids copying x into a wider array
+    cands = [b for b in (bk >> i for i in range(8)) if b >= 128] or [bk]
+    bk = min(cands, key=lambda b: (_round_up(k, b), -b))
+    return (min(block_m, max(16, _next_pow2(m))), min(block_n, max(16, _next_pow2(n))), bk)
 
 
 def _deinterleave(a, n, axis):

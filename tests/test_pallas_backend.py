@@ -65,3 +65,32 @@ def test_backend_names_are_checked():
     x, w, fwd, bwd, perm = bimask_setup(16, 8, 3)
     with pytest.raises(ValueError, match="backend must be one of \\('xla', 'pallas'\\)"):
         sparse_dense(x, w, fwd, bwd, backend="triton")
+
+
+def test_resparsify_agrees_with_the_bimask_masks():
+    """The kernel's Mf / Mb equal bimask_jax.forward_mask / backward_mask (n:m = 2:4)."""
+    from pallas_kernels import decompress, resparsify
+
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.uniform(0.1, 1.0, (20, 12)) * rng.choice([-1.0, 1.0], (20, 12)),
+                    jnp.float32)
+    perm = jnp.asarray(rng.permutation(12), jnp.int32)
+    fwd = bj.forward_mask(w, 2, 4)
+    bwd = bj.backward_mask(w, fwd, perm, 2, 4)
+    out = resparsify(w, perm, interpret=True, block_k=8, block_c=8)
+    np.testing.assert_array_equal(np.asarray(out.fwd_mask), np.asarray(fwd))
+    np.testing.assert_array_equal(np.asarray(decompress(out.fwd_values, out.fwd_meta, 0)),
+                                  np.asarray(jnp.where(fwd, w, 0.0)))
+    np.testing.assert_array_equal(np.asarray(decompress(out.bwd_values, out.bwd_meta, 0)),
+                                  np.asarray(jnp.where(bwd, w, 0.0)[:, perm].T))
+
+
+def test_pallas_backend_under_vmap_and_remat():
+    x, w, fwd, bwd, perm = bimask_setup(16, 8, 5)
+
+    def f(backend):
+        g = jax.checkpoint(lambda xb: sparse_dense(xb, w, fwd, bwd, perm=perm, backend=backend))
+        return jax.vmap(g)(x)
+
+    np.testing.assert_allclose(np.asarray(f("pallas")), np.asarray(f("xla")), rtol=1e-5,
+                               atol=1e-5)
