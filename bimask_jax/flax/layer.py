@@ -93,31 +93,65 @@ def is_channels_last(dimension_numbers, ndim: int) -> bool:
     return tuple(map(tuple, dn)) == tuple(map(tuple, want))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def refresh_layer(key, kernel, perm, refreshes, n: int, m: int, num_candidates: int,
-                  chunk_size=None):
-    """One refresh of one (possibly stacked) layer: ``search_permutation`` on every stacked kernel
-    with its current permutation as incumbent.
+# Budget for the gathered int8 forward masks of one vmapped chunk of a refresh group (bytes).
+_GROUP_CHUNK_BYTES = 64 * 2**20
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, chunk_size=None):
+    """``search_permutation`` vmapped over ``S`` same-shape layers.
 
     Args:
-      key: PRNG key for this layer; split over the stack axes.
-      kernel: floating ``(*stack, *kshape)``; perm: int32 ``(*stack, C)``; refreshes: int32 ``stack``.
+      keys: ``(S,)`` PRNG keys; kernels: floating ``(S, K, C)``; perms: int32 ``(S, C)`` incumbents.
+      chunk_size: candidates per chunk; None: keep ``S * chunk * K * C`` bytes <= 64 MiB.
 
     Returns:
-      ``(new_perm, refreshes + 1)`` with the input shapes.
+      int32 ``(S, C)``.
     """
-    c = perm.shape[-1]
-    stack = perm.shape[:-1]
-    w = kernel.reshape(*stack, -1, c)
-    size = math.prod(stack)
-    keys = jax.random.split(key, size) if stack else key
+    s, k, c = kernels.shape
+    if chunk_size is None:
+        chunk_size = max(1, min(max(num_candidates, 1), _GROUP_CHUNK_BYTES // max(1, s * k * c)))
 
-    def one(kk, wk, pk):
-        return search_permutation(kk, wk, n, m, num_candidates, init=pk, chunk_size=chunk_size)
+    def one(kk, w, p):
+        return search_permutation(kk, w, n, m, num_candidates, init=p, chunk_size=chunk_size)
 
-    if stack:
-        new = jax.vmap(one)(keys, w.reshape(size, *w.shape[-2:]), perm.reshape(size, c))
-        new = new.reshape(perm.shape)
-    else:
-        new = one(keys, w, perm)
-    return new.astype(jnp.int32), refreshes + 1
+    return jax.vmap(one)(keys, kernels, perms).astype(jnp.int32)
+
+
+def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=None):
+    """One refresh of several (possibly stacked) layers: ``search_permutation`` on every kernel
+    with its current permutation as incumbent. Layers whose matrices have the same ``(K, C)`` are
+    searched together in one vmapped call (one compile per distinct shape).
+
+    Args:
+      key: PRNG key. Layer ``i`` uses ``fold_in(key, i)``; a stacked layer splits that key over
+        its stack (``(*stack)`` row-major).
+      layers: sequence of ``(kernel (*stack, *kshape), perm (*stack, C))``.
+
+    Returns:
+      list of new permutations, int32, shaped like the ``perm`` inputs.
+    """
+    flat = []  # per layer: (keys (S,), kernels (S, K, C), perms (S, C))
+    for i, (kernel, perm) in enumerate(layers):
+        c = perm.shape[-1]
+        stack = perm.shape[:-1]
+        size = math.prod(stack)
+        lk = jax.random.fold_in(key, i)
+        keys = jax.random.split(lk, size) if stack else lk[None]
+        w = kernel.reshape(size, -1, c)
+        flat.append((keys, w, perm.reshape(size, c)))
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, w, _) in enumerate(flat):
+        groups.setdefault((w.shape[1:], w.dtype), []).append(i)
+    out: list = [None] * len(flat)
+    for idx in groups.values():
+        keys = jnp.concatenate([flat[i][0] for i in idx])
+        ws = jnp.concatenate([flat[i][1] for i in idx])
+        ps = jnp.concatenate([flat[i][2] for i in idx])
+        new = search_stacked(keys, ws, ps, n, m, num_candidates, chunk_size)
+        start = 0
+        for i in idx:
+            size = flat[i][2].shape[0]
+            out[i] = new[start:start + size].reshape(layers[i][1].shape)
+            start += size
+    return out

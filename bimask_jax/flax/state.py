@@ -24,7 +24,7 @@ from flax import nnx
 from bimask_jax.flax import linen as _linen
 from bimask_jax.flax import nnx as _nnx
 from bimask_jax.flax.config import SparseConfig
-from bimask_jax.flax.layer import refresh_layer
+from bimask_jax.flax.layer import refresh_layers
 from bimask_jax.flax.selection import effective_method
 
 
@@ -91,17 +91,17 @@ def _write(model, variables, updates: dict):
 
 
 def _refresh_arrays(key, ents, cfg: SparseConfig):
-    """``{path: (perm, refreshes)}`` after one refresh; pure in the arrays of ``ents``."""
-    out = {}
-    for i, e in enumerate(ents):
-        if e["method"] == "bimask":
-            out[e["path"]] = refresh_layer(
-                jax.random.fold_in(key, i), e["kernel"], e["perm"], e["refreshes"], cfg.n, cfg.m,
-                cfg.num_candidates, cfg.chunk_size,
-            )
-        else:  # dense/srste/transposable (and srste fallbacks) have no permutation to search
-            out[e["path"]] = (e["perm"], e["refreshes"] + 1)
-    return out
+    """``{path: (perm, refreshes)}`` after one refresh; pure in the arrays of ``ents``.
+
+    Only ``"bimask"`` layers are searched (``dense``/``srste``/``transposable`` and srste fallbacks
+    have no permutation); every layer's counter is incremented. Layer ``i`` of the searched ones,
+    in sorted path order, uses ``fold_in(key, i)``.
+    """
+    searched = [e for e in ents if e["method"] == "bimask"]
+    new = refresh_layers(key, [(e["kernel"], e["perm"]) for e in searched], cfg.n, cfg.m,
+                         cfg.num_candidates, cfg.chunk_size)
+    perms = {e["path"]: p for e, p in zip(searched, new, strict=True)}
+    return {e["path"]: (perms.get(e["path"], e["perm"]), e["refreshes"] + 1) for e in ents}
 
 
 def current_state(model, variables=None):

@@ -1,0 +1,224 @@
+"""Train-step cost of ``bimask_jax.sparse`` and the cost of one permutation refresh.
+
+1. Jitted train step (forward, backward, SGD-momentum update, BatchNorm stats) of a CIFAR ResNet-20
+   and of a small ViT (``nn.MultiHeadDotProductAttention`` blocks), unwrapped vs wrapped with
+   ``method="dense"``, ``"srste"`` and ``"bimask"``. The variants run interleaved in one process
+   (round-robin over repeats) and the median per-step time of each is reported with its ratio to
+   the unwrapped model. The refresh is not part of the step (it runs every ``refresh_every`` steps;
+   its amortized cost is reported separately).
+2. One ``bimask_jax.refresh`` (100 candidates per layer, jitted) over the sparse layers of a
+   ResNet-50 (stem conv and fc excluded as in the paper; kernels random normal).
+
+Usage::
+
+    python benchmarks/step.py [--batch 64] [--repeats 5] [--steps 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import bimask_jax.flax as bf
+
+# ------------------------------------------------------------------------------------- models
+
+
+class BasicBlock(nn.Module):
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+        y = nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False)(x)
+        y = nn.relu(norm()(y))
+        y = norm()(nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y))
+        if x.shape != y.shape:
+            x = norm()(nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x))
+        return nn.relu(x + y)
+
+
+class ResNet20(nn.Module):
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Conv(16, (3, 3), padding=1, use_bias=False, name="stem")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        for i, f in enumerate((16, 32, 64)):
+            for b in range(3):
+                x = BasicBlock(f, 2 if (i > 0 and b == 0) else 1)(x, train)
+        return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
+
+
+class ViTBlock(nn.Module):
+    dim: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(y, y)
+        y = nn.LayerNorm()(x)
+        y = nn.Dense(2 * self.dim)(y)
+        return x + nn.Dense(self.dim)(nn.gelu(y))
+
+
+class SmallViT(nn.Module):
+    num_classes: int = 10
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    patch: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Conv(self.dim, (self.patch, self.patch), self.patch, name="patch_embed")(x)
+        x = x.reshape(x.shape[0], -1, self.dim)
+        x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
+        for _ in range(self.depth):
+            x = ViTBlock(self.dim, self.heads)(x)
+        return nn.Dense(self.num_classes, name="head")(nn.LayerNorm()(x).mean(1))
+
+
+class Bottleneck(nn.Module):
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(nn.Conv(self.features, (1, 1), use_bias=False)(x))
+        y = nn.relu(nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False)(y))
+        y = nn.Conv(4 * self.features, (1, 1), use_bias=False)(y)
+        if x.shape != y.shape:
+            x = nn.Conv(4 * self.features, (1, 1), self.strides, use_bias=False)(x)
+        return nn.relu(x + y)
+
+
+class ResNet50(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(64, (7, 7), 2, padding=3, use_bias=False, name="conv_init")(x)
+        x = nn.max_pool(x, (3, 3), (2, 2), "SAME")
+        for i, (f, n) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+            for b in range(n):
+                x = Bottleneck(f, 2 if (i > 0 and b == 0) else 1)(x)
+        return nn.Dense(1000, name="head")(x.mean((1, 2)))
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def make_step(module, tx):
+    def step(state, x, y):
+        params, opt, rest = state
+
+        def loss_fn(p):
+            logits, upd = module.apply({**rest, "params": p}, x, train=True,
+                                       mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, upd
+
+        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        u, opt = tx.update(g, opt, params)
+        return (optax.apply_updates(params, u), opt, {**rest, **upd}), loss
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def bench_model(name, module, x, y, methods, repeats, steps):
+    tx = optax.sgd(0.1, momentum=0.9)
+    variants = {"unwrapped": module}
+    for meth in methods:
+        variants[meth] = bf.sparse(module, method=meth, exclude=("head",))
+    states, fns = {}, {}
+    for k, mod in variants.items():
+        v = jax.jit(mod.init)(jax.random.key(0), x)
+        params = v.pop("params")
+        states[k] = (params, tx.init(params), v)
+        fns[k] = make_step(mod, tx)
+        states[k], loss = fns[k](states[k], x, y)  # compile + warm up
+        jax.block_until_ready(loss)
+    times = {k: [] for k in variants}
+    for _ in range(repeats):
+        for k in variants:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                states[k], loss = fns[k](states[k], x, y)
+            jax.block_until_ready((states[k], loss))
+            times[k].append((time.perf_counter() - t0) / steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [dict(model=name, variant=k, step_ms=1e3 * med[k], ratio=med[k] / med["unwrapped"],
+                 min_ms=1e3 * min(times[k]), max_ms=1e3 * max(times[k])) for k in variants]
+    for r in rows:
+        print(f"{name:10s} {r['variant']:10s} step {r['step_ms']:8.1f} ms "
+              f"(min {r['min_ms']:.1f}, max {r['max_ms']:.1f})  ratio {r['ratio']:.3f}", flush=True)
+    return rows
+
+
+def bench_refresh(repeats, num_candidates):
+    model = bf.sparse(ResNet50(), num_candidates=num_candidates, exclude=("conv_init", "head"))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 224, 224, 3)))
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    variables = jax.tree.map(
+        lambda s: jax.random.normal(next(keys), s.shape, s.dtype)
+        if jnp.issubdtype(s.dtype, jnp.floating) else jnp.zeros(s.shape, s.dtype), shapes)
+    variables["bimask"] = jax.tree.map(
+        lambda s: jnp.broadcast_to(jnp.arange(s.shape[-1], dtype=jnp.int32), s.shape)
+        if s.ndim else jnp.zeros((), jnp.int32), shapes["bimask"])
+    layers = len(jax.tree.leaves(variables["bimask"])) // 2
+    fn = jax.jit(bf.refresh, static_argnums=1)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(jax.random.key(2), model, variables))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.key(3 + r), model, variables))
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(f"refresh ResNet-50: {layers} sparse layers, {num_candidates} candidates each: "
+          f"{med:.2f} s median of {repeats} (min {min(times):.2f}, max {max(times):.2f}); "
+          f"first call incl. compile {compile_s:.1f} s; amortized over 100 steps "
+          f"{1e3 * med / 100:.1f} ms/step", flush=True)
+    return dict(layers=layers, num_candidates=num_candidates, median_s=med, min_s=min(times),
+                max_s=max(times), compile_s=compile_s)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+    ap.add_argument("--methods", default="dense,srste,bimask")
+    ap.add_argument("--models", default="resnet20,vit")
+    ap.add_argument("--refresh-repeats", type=int, default=3, help="0 skips the refresh timing")
+    ap.add_argument("--num-candidates", type=int, default=100)
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args()
+    print(f"jax {jax.__version__}, devices {jax.devices()}, {platform.processor() or platform.machine()}")
+    x = jax.random.normal(jax.random.key(0), (a.batch, 32, 32, 3))
+    y = jax.random.randint(jax.random.key(1), (a.batch,), 0, 10)
+    methods = a.methods.split(",")
+    res = {"batch": a.batch, "steps": []}
+    models = {"resnet20": ResNet20(), "vit": SmallViT()}
+    for name in a.models.split(","):
+        res["steps"] += bench_model(name, models[name], x, y, methods, a.repeats, a.steps)
+    if a.refresh_repeats:
+        res["refresh_resnet50"] = bench_refresh(a.refresh_repeats, a.num_candidates)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
