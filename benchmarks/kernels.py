@@ -79,8 +79,9 @@ def deit_small_gemms(batch: int = 256, tokens: int = 197) -> list[tuple[str, int
             ("deit_s.fc2", m, 4 * d, d), ("deit_s.head", batch, d, 1000)]
 
 
-def tiny_gemms() -> list[tuple[str, int, int, int]]:
-    return [("tiny.a", 40, 64, 32), ("tiny.b", 17, 36, 24)]
+def tiny_gemms(gpu: bool = False) -> list[tuple[str, int, int, int]]:
+    out = [("tiny.a", 40, 64, 32), ("tiny.b", 17, 36, 24)]
+    return out + [("tiny.sm90", 256, 256, 128)] if gpu else out  # divides the sm90 tiles
 
 
 def rel_err(a, b) -> float:
@@ -139,8 +140,14 @@ def torch_times(x_sets, w_dense, warmup, reps):
 
 
 def sm90_times(xs, fv, fm, wf, f_dense, dense_ms, warmup, reps):
-    """Hopper sparse-wgmma forward (UNVERIFIED kernel): timings and error vs dense, or an error."""
+    """Hopper sparse-wgmma forward (UNVERIFIED kernel): timings and errors vs dense, or an error.
+
+    ``probe01_rel_err`` uses metadata with positions (0, 1) in every group, so it does not depend on
+    the per-thread metadata layout: if it fails, descriptors/instruction are wrong; if only
+    ``rel_err`` fails, the derived metadata layout is (see the hopper-sparse-mma note, section 6).
+    """
     try:
+        from pallas_kernels import decompress
         from pallas_kernels.hopper_sparse import pack_sm90_metadata, spmm_sm90, spmm_t_sm90
 
         n = fv.shape[1]  # A = W^T has N rows: 128-row tiles where they divide, else 64
@@ -148,11 +155,13 @@ def sm90_times(xs, fv, fm, wf, f_dense, dense_ms, warmup, reps):
         f_full = jax.jit(lambda x, v, md: spmm_sm90(x, v, md, **tiles))
         a_t, words = fv.T, pack_sm90_metadata(fm.T)
         f_kernel = jax.jit(lambda a, w_, x: spmm_t_sm90(a, w_, x, **tiles))
+        probe = jnp.full(fm.shape, 0x44, jnp.uint8)
+        probe_err = rel_err(f_full(xs[0], fv, probe), f_dense(xs[0], decompress(fv, probe, 0)))
         err = rel_err(f_full(xs[0], fv, fm), f_dense(xs[0], wf))
         full = time_calls(f_full, [(x, fv, fm) for x in xs], warmup, reps)
         kern = time_calls(f_kernel, [(a_t, words, x) for x in xs], warmup, reps)
         return dict(ms_with_transposes=full, ms_kernel=kern, rel_err=err,
-                    dense_over_kernel=dense_ms / kern)
+                    probe01_rel_err=probe_err, dense_over_kernel=dense_ms / kern)
     except Exception as e:  # report, never hide
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
@@ -241,7 +250,8 @@ def print_table(rows):
                  else tor.get("error", "-"))
         err = max(c["spmm"], c["bwd_xla"], c["bwd_kernel"])
         sm = r.get("sm90", {})
-        sm_s = (f"{sm['dense_over_kernel']:.2f}x ({sm['rel_err']:.1e})"
+        sm_s = (f"{sm['dense_over_kernel']:.2f}x ({sm['rel_err']:.1e}, "
+                f"probe {sm['probe01_rel_err']:.1e})"
                 if "dense_over_kernel" in sm else sm.get("error", "-"))
         print(f"| {r['name']} | {r['M']} | {r['K']} | {r['N']} | {t['dense']:.3f} | "
               f"{t['spmm']:.3f} | {q['dense/spmm']:.2f}x | {t['dense_bwd']:.3f} | "
@@ -274,7 +284,7 @@ def main(argv=None):
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.interpret:
         ap.error("no GPU backend: pass --interpret (with --tiny) for the CPU smoke test")
-    shapes = tiny_gemms() if args.tiny else []
+    shapes = tiny_gemms(gpu=on_gpu) if args.tiny else []
     if not args.tiny:
         models = args.models.split(",")
         if "resnet50" in models:

@@ -87,3 +87,30 @@ def test_sparse_wgmma_rejects_bad_tiles():
     with pytest.raises(ValueError, match="must divide by tiles"):
         spmm_t_sm90(jnp.zeros((64, 64), BF16), jnp.zeros((1, 4, 128), jnp.uint32),
                     jnp.zeros((8, 128), BF16), tile_m=64, tile_n=16, tile_k=128)
+
+
+def test_sm90_wrappers_transpose_correctly_with_a_reference_kernel(monkeypatch):
+    """spmm_sm90 / spmm_bwd_data_sm90 around a jnp stand-in for the (GPU-only) kernel."""
+    from pallas_kernels import decompress, hopper_sparse
+
+    def reference_kernel(a_values, words, b, **tiles):
+        a = decompress(a_values, unpack_sm90_metadata(words), axis=1)
+        return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32).T)
+
+    monkeypatch.setattr(hopper_sparse, "spmm_t_sm90", reference_kernel)
+    rng = np.random.default_rng(1)
+    m, k, c = 8, 64, 64
+    w = rng.uniform(0.1, 1.0, (k, c)).astype(np.float32)
+    wf = w * np.asarray(top2_mask(w, 0))
+    x = rng.uniform(-1, 1, (m, k)).astype(np.float32)
+    values, meta = compress(wf, 0)
+    np.testing.assert_allclose(np.asarray(hopper_sparse.spmm_sm90(x, values, meta)), x @ wf,
+                               rtol=1e-5, atol=1e-5)
+    perm = rng.permutation(c).astype(np.int32)
+    wb = np.zeros_like(w)
+    wb[:, perm] = w[:, perm] * np.asarray(top2_mask(w[:, perm], 1))
+    g = rng.uniform(-1, 1, (m, c)).astype(np.float32)
+    values_t, meta_t = compress(wb[:, perm].T, 0)
+    np.testing.assert_allclose(
+        np.asarray(hopper_sparse.spmm_bwd_data_sm90(g, values_t, meta_t, perm)), g @ wb.T,
+        rtol=1e-5, atol=1e-5)
