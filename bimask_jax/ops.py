@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from bimask_jax._checks import check_floating, check_mask, check_perm
 
-BACKENDS = ("xla",)
+BACKENDS = ("xla", "pallas")
 
 
 def _check_backend(backend):
@@ -87,8 +87,7 @@ def sparse_dense(
       ``(..., C)`` in ``result_type(x, kernel)``. Gradients: ``dx`` in ``x.dtype``, ``dkernel`` in
       ``kernel.dtype`` (accumulated in fp32), none for the masks.
     """
-    if backend not in ("xla", "pallas"):
-        raise ValueError(f"backend must be one of ('xla', 'pallas'), got {backend!r}")
+    _check_backend(backend)
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     check_floating("x", x)
     check_floating("kernel", kernel)
@@ -198,7 +197,9 @@ def sparse_conv(
       strides, padding, lhs_dilation (input dilation), rhs_dilation (kernel dilation): as in
         ``jax.lax.conv_general_dilated``; padding is ``"SAME"``, ``"VALID"`` or per-axis pairs.
       perm: optional int ``(C,)`` (for kernels backends; checked for shape when given).
-      backend: ``"xla"``.
+      backend: ``"xla"``, or ``"pallas"``: a 1x1 conv without padding or input dilation runs as
+        ``sparse_dense(backend="pallas")`` on the stride-subsampled input (2:4 kernels where the
+        masks allow); any other conv uses the XLA path. See ``bimask_jax.pallas_backend``.
     """
     _check_backend(backend)
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
@@ -239,4 +240,9 @@ def sparse_conv(
         _tuple("rhs_dilation", rhs_dilation, nsp),
         precision,
     )
+    if backend == "pallas":
+        from bimask_jax import pallas_backend
+
+        if pallas_backend.conv_is_matmul(kernel.shape, cfg):
+            return pallas_backend.sparse_conv_1x1(x, kernel, fwd, bwd, float(decay), cfg, perm)
     return _sparse_conv(x, kernel, fwd, bwd, float(decay), cfg)

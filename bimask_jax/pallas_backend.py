@@ -123,3 +123,30 @@ def sparse_dense(x, kernel, fwd, bwd, decay: float, perm=None, precision=None):
     c = kernel.shape[1]
     perm = jnp.arange(c, dtype=jnp.int32) if perm is None else jnp.asarray(perm, jnp.int32)
     return _sparse_dense(x, kernel, fwd, bwd, perm, float(decay), precision)
+
+
+def conv_is_matmul(kernel_shape, cfg) -> bool:
+    """True when the conv is a strided matmul: 1x1 window, no input dilation, no padding.
+
+    ``cfg`` is ``ops.sparse_conv``'s ``(strides, padding, lhs_dilation, rhs_dilation, precision)``.
+    A 1x1 window gives no padding under "SAME", "VALID" and "SAME_LOWER".
+    """
+    _, padding, lhs_dilation, _, _ = cfg
+    window = kernel_shape[:-2]
+    no_pad = isinstance(padding, str) or all(lo == 0 and hi == 0 for lo, hi in padding)
+    return all(s == 1 for s in window) and all(d == 1 for d in lhs_dilation) and no_pad
+
+
+def sparse_conv_1x1(x, kernel, fwd, bwd, decay: float, cfg, perm=None):
+    """``backend="pallas"`` body of ``ops.sparse_conv`` for ``conv_is_matmul`` convs.
+
+    ``x`` (N, *spatial, Cin) is subsampled by the strides and multiplied with the (Cin, C) kernel
+    through ``sparse_dense`` (same custom gradients; the strided slice and the reshapes are
+    differentiated by JAX).
+    """
+    strides = cfg[0]
+    precision = cfg[4]
+    sl = (slice(None), *(slice(None, None, s) for s in strides), slice(None))
+    cin, c = kernel.shape[-2:]
+    return sparse_dense(x[sl], kernel.reshape(cin, c), fwd.reshape(cin, c), bwd.reshape(cin, c),
+                        decay, perm, precision)

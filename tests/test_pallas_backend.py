@@ -65,6 +65,39 @@ def test_backend_names_are_checked():
     x, w, fwd, bwd, perm = bimask_setup(16, 8, 3)
     with pytest.raises(ValueError, match="backend must be one of \\('xla', 'pallas'\\)"):
         sparse_dense(x, w, fwd, bwd, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of \\('xla', 'pallas'\\)"):
+        bj.sparse_conv(jnp.ones((1, 4, 4, 16)), jnp.ones((1, 1, 16, 8)), jnp.ones((1, 1, 16, 8),
+                       bool), jnp.ones((1, 1, 16, 8), bool), backend="triton")
+
+
+def conv_loss(x, w, fwd, bwd, perm, backend, strides, padding):
+    y = bj.sparse_conv(x, w, fwd, bwd, 1e-2, strides=strides, padding=padding, perm=perm,
+                       backend=backend)
+    return jnp.sum(jnp.sin(y)), y
+
+
+@pytest.mark.parametrize("window,strides,padding,kernels", [
+    ((1, 1), (2, 1), "SAME", 2),            # 1x1, strided: through the 2:4 kernels
+    ((3, 3), (1, 1), "SAME", 0),            # 3x3: the XLA conv
+])
+def test_sparse_conv_pallas_equals_xla(window, strides, padding, kernels):
+    rng = np.random.default_rng(6)
+    cin, c = 16, 8
+    w = jnp.asarray(rng.uniform(0.1, 1.0, (*window, cin, c)) * rng.choice([-1.0, 1.0],
+                                                                        (*window, cin, c)),
+                    jnp.float32)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 5, 6, cin)), jnp.float32)
+    perm = jnp.asarray(rng.permutation(c), jnp.int32)
+    fwd = bj.forward_mask(w, 2, 4)
+    bwd = bj.backward_mask(w, fwd, perm, 2, 4)
+    grad = jax.grad(conv_loss, argnums=(0, 1), has_aux=True)
+    (gx_x, gw_x), y_x = grad(x, w, fwd, bwd, perm, "xla", strides, padding)
+    (gx_p, gw_p), y_p = grad(x, w, fwd, bwd, perm, "pallas", strides, padding)
+    for a, b in ((y_p, y_x), (gx_p, gx_x), (gw_p, gw_x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(
+        lambda x_: grad(x_, w, fwd, bwd, perm, "pallas", strides, padding))(x))
+    assert jaxpr.count("pallas_call") == kernels
 
 
 def test_resparsify_agrees_with_the_bimask_masks():
