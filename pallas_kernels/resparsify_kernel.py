@@ -76,7 +76,8 @@ def _slots(keep):
     return i0, i1
 
 
-def _resparsify_kernel(w_ref, perm_ref, fv_ref, fm_ref, bv_ref, bm_ref, mf_ref, *, bk, bc):
+def _resparsify_kernel(w_ref, perm_ref, *refs, bk, bc):
+    fv_ref, fm_ref, bv_ref, bm_ref, mf_ref = refs[-5:]  # (aliased initial outputs come first)
     i, j = pl.program_id(0), pl.program_id(1)
     qk, qc = bk // 8, bc // 8
     shape3 = (qk, qc, 8)
@@ -129,7 +130,7 @@ def _resparsify_kernel(w_ref, perm_ref, fv_ref, fm_ref, bv_ref, bm_ref, mf_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("bk", "bc", "interpret", "num_warps"))
-def _resparsify_padded(w, perm, *, bk, bc, interpret, num_warps):
+def _resparsify_padded(w, perm, out_init, *, bk, bc, interpret, num_warps):
     kp, cp = w.shape
     full = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
     out_shapes = (
@@ -139,20 +140,25 @@ def _resparsify_padded(w, perm, *, bk, bc, interpret, num_warps):
         jax.ShapeDtypeStruct((cp // 8, kp), jnp.uint8),
         jax.ShapeDtypeStruct((kp, cp), jnp.bool_),
     )
+    args, in_specs = [w, perm], [full((kp, cp)), full((cp,))]
+    if out_init is not None:  # alias the outputs to given initial buffers (tests poison them)
+        args += list(out_init)
+        in_specs += [full(s.shape) for s in out_shapes]
     return pl.pallas_call(
         functools.partial(_resparsify_kernel, bk=bk, bc=bc),
         out_shape=out_shapes,
         grid=(kp // bk, cp // bc),
-        in_specs=[full((kp, cp)), full((cp,))],
+        in_specs=in_specs,
         out_specs=tuple(full(s.shape) for s in out_shapes),
+        input_output_aliases={2 + i: i for i in range(5)} if out_init is not None else {},
         interpret=interpret,
         compiler_params=None if interpret else pltr.CompilerParams(num_warps=num_warps),
         name="resparsify24",
-    )(w, perm)
+    )(*args)
 
 
 def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool | None = None,
-               num_warps: int = 4) -> Resparsified:
+               num_warps: int = 4, poison: bool = False) -> Resparsified:
     """Both Bi-Mask 2:4 operands of a dense kernel in one pass (rules: module doc).
 
     Args:
@@ -163,6 +169,8 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
       block_k, block_c: tile sizes, multiples of 8 (powers of two on GPU); shrunk for small inputs.
       interpret: Pallas interpret mode; default: True unless the default backend is a GPU.
       num_warps: Triton compiler parameter (GPU only).
+      poison: for tests: alias the outputs to buffers pre-filled with NaN values, the invalid
+        metadata byte 0 and True mask entries, so an unwritten element shows.
 
     Returns:
       ``Resparsified(fwd_values, fwd_meta, bwd_values, bwd_meta, fwd_mask)``; feed
@@ -188,8 +196,13 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
     kp, cp = _round_up(k, bk), _round_up(c, bc)
     wp = _pad_to(w, (kp, cp))
     pp = jnp.concatenate([perm.astype(jnp.int32), jnp.arange(c, cp, dtype=jnp.int32)])
-    fv, fm, bv, bm, mf = _resparsify_padded(wp, pp, bk=bk, bc=bc, interpret=bool(interpret),
-                                            num_warps=num_warps)
+    out_init = None
+    if poison:
+        out_init = (jnp.full((kp // 2, cp), jnp.nan, w.dtype), jnp.zeros((kp // 8, cp), jnp.uint8),
+                    jnp.full((cp // 2, kp), jnp.nan, w.dtype), jnp.zeros((cp // 8, kp), jnp.uint8),
+                    jnp.ones((kp, cp), bool))
+    fv, fm, bv, bm, mf = _resparsify_padded(wp, pp, out_init, bk=bk, bc=bc,
+                                            interpret=bool(interpret), num_warps=num_warps)
     return Resparsified(fv[: k // 2, :c], fm[: -(-k // 8), :c], bv[: c // 2, :k],
                         bm[: -(-c // 8), :k], mf[:k, :c])
 

@@ -110,7 +110,7 @@ def test_resparsify_agrees_with_the_bimask_masks():
     perm = jnp.asarray(rng.permutation(12), jnp.int32)
     fwd = bj.forward_mask(w, 2, 4)
     bwd = bj.backward_mask(w, fwd, perm, 2, 4)
-    out = resparsify(w, perm, interpret=True, block_k=8, block_c=8)
+    out = resparsify(w, perm, interpret=True, block_k=8, block_c=8, poison=True)
     np.testing.assert_array_equal(np.asarray(out.fwd_mask), np.asarray(fwd))
     np.testing.assert_array_equal(np.asarray(decompress(out.fwd_values, out.fwd_meta, 0)),
                                   np.asarray(jnp.where(fwd, w, 0.0)))

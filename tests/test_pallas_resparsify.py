@@ -43,7 +43,8 @@ def test_resparsify_matches_numpy_rules(k, c, dtype, blocks):
     wf = w * mf
     keep_b = np_top2(wf[:, perm], 1)                # top-2 along permuted C of W*Mf
     mb_perm = keep_b & mf[:, perm]                  # AND Mf: the Bi-Mask backward mask
-    out = resparsify(jnp.asarray(w, dtype), jnp.asarray(perm), interpret=True, **blocks)
+    out = resparsify(jnp.asarray(w, dtype), jnp.asarray(perm), interpret=True, poison=True,
+                     **blocks)
 
     np.testing.assert_array_equal(np.asarray(out.fwd_mask), mf)
     assert mf[0:4, 0].tolist() == [True, True, False, False]
