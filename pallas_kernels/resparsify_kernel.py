@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
@@ -164,8 +165,8 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
     Args:
       w: (K, C) float32 or bfloat16, K % 4 == 0 and C % 4 == 0 (conv kernels: flatten to
         ``(prod(window)*Cin, C)`` first).
-      perm: int (C,), a permutation of ``range(C)`` (not checked; a repeated index leaves some
-        forward columns unwritten).
+      perm: int (C,), a permutation of ``range(C)`` (checked when concrete; under ``jit`` a
+        repeated index would leave some forward columns unwritten).
       block_k, block_c: tile sizes, multiples of 8 (powers of two on GPU); shrunk for small inputs.
       interpret: Pallas interpret mode; default: True unless the default backend is a GPU.
       num_warps: Triton compiler parameter (GPU only).
@@ -185,6 +186,9 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
         raise ValueError(f"w shape {w.shape}: K and C must both be divisible by m=4")
     if perm.shape != (c,) or not jnp.issubdtype(perm.dtype, jnp.integer):
         raise ValueError(f"perm must be an int array of shape ({c},), got {perm.dtype} {perm.shape}")
+    if not isinstance(perm, jax.core.Tracer) and not np.array_equal(
+            np.sort(np.asarray(perm)), np.arange(c)):
+        raise ValueError(f"perm must be a permutation of range({c})")
     for name, b in (("block_k", block_k), ("block_c", block_c)):
         if not isinstance(b, int) or b <= 0 or b % 8:
             raise ValueError(f"{name} must be a positive multiple of 8, got {b!r}")

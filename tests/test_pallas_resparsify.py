@@ -64,5 +64,7 @@ def test_resparsify_rejects_bad_inputs():
         resparsify(jnp.ones((6, 8)), jnp.arange(8))
     with pytest.raises(ValueError, match="perm must be an int array of shape \\(8,\\)"):
         resparsify(jnp.ones((8, 8)), jnp.arange(4))
+    with pytest.raises(ValueError, match="permutation of range\\(8\\)"):
+        resparsify(jnp.ones((8, 8)), jnp.zeros(8, jnp.int32))
     with pytest.raises(ValueError, match="block_c must be a positive multiple of 8"):
         resparsify(jnp.ones((8, 8)), jnp.arange(8), block_c=12)
