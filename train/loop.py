@@ -360,6 +360,25 @@ def init_distributed(cfg: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _compile(jitted, *, fast: bool):
+    """``jitted`` compiled at its first call; ``fast``: with ``FAST_COMPILE`` XLA options (far
+    quicker compiles, slower code: for one-off programs, smoke runs and tests)."""
+    if not fast:
+        return jitted
+    exe = None
+
+    def call(*args):
+        nonlocal exe
+        if exe is None:
+            exe = jitted.lower(*args).compile(FAST_COMPILE)
+        return exe(*args)
+
+    return call
+
+
 def _global_batch(local: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}
@@ -430,7 +449,9 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                 "model_state": variables, "rng": k_train}
 
-    state = jax.jit(init_fn, out_shardings=repl)()
+    # Initialisation runs once: compile it without backend optimisation (XLA:CPU spends tens of
+    # seconds optimising the unrolled threefry of every initializer otherwise).
+    state = _compile(jax.jit(init_fn, out_shardings=repl), fast=True)()
     mutable = [c for c in state["model_state"] if c != "bimask"]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
@@ -450,10 +471,11 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(vars(cfg), f, indent=1, default=str)
 
-    train_step = jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
-                         in_shardings=(repl, rows), out_shardings=(repl, repl), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows),
-                        out_shardings=repl)
+    train_step = _compile(jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
+                                  in_shardings=(repl, rows), out_shardings=(repl, repl),
+                                  donate_argnums=0), fast=cfg.fast_compile)
+    eval_step = _compile(jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows),
+                                 out_shardings=repl), fast=cfg.fast_compile)
 
     def meta_of(ep, b):
         return {"epoch": ep, "batch_in_epoch": b, "step": int(state["step"]),

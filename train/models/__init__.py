@@ -24,6 +24,8 @@ class ModelSpec:
 
 # canonical name -> (family, constructor kwargs)
 _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "resnet8": ("cifar_resnet", {"depth": 8}),
+    "resnet14": ("cifar_resnet", {"depth": 14}),
     "resnet20": ("cifar_resnet", {"depth": 20}),
     "resnet32": ("cifar_resnet", {"depth": 32}),
     "resnet44": ("cifar_resnet", {"depth": 44}),

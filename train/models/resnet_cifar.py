@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from train.models.common import batch_norm, conv_init, round_channels
 
-DEPTHS = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
+DEPTHS = {8: 1, 14: 2, 20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
 
 # Regexes (on "/"-joined module paths) of the layers that stay dense.
 DENSE_LAYERS = (r"(^|/)stem$", r"(^|/)classifier$")
@@ -52,7 +52,7 @@ class BasicBlockA(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """CIFAR ResNet of depth 6n+2 (``depth`` in 20, 32, 44, 56, 110)."""
+    """CIFAR ResNet of depth 6n+2 (``depth`` in 8, 14, 20, 32, 44, 56, 110)."""
 
     depth: int = 20
     num_classes: int = 10

@@ -1,0 +1,251 @@
+"""End-to-end runs of train/cifar.py and train/imagenet.py on tiny ImageFolder trees written by
+the tests: every method, exact resume after a simulated pre-emption, a 2-device sharded run
+(subprocess with XLA_FLAGS), bad-input errors, and the optimizer / schedule rules."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from train import cifar, imagenet, loop
+from train.testing import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# resnet8 at width 1/4 (4/8/16 channels) on 8x8 images: 24 train images, batch 8 -> 3 steps/epoch,
+# 2 epochs. The resume test uses the same flags, so its programs come from the compilation cache.
+CIFAR_ARGS = ["--arch", "resnet8", "--width-mult", "0.25", "--image-size", "8", "--batch-size", "8",
+              "--num_epochs", "2", "--log-every", "1", "--no-progress", "--refresh-every", "2",
+              "--num-candidates", "4", "--fast-compile"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module only: the resume test compiles the same
+    program three times. Restored (and reset) afterwards so no other test sees it."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("tree"), classes=3, train_per_class=8,
+                              val_per_class=2, size=8)
+
+
+def _lines(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def dense_run(tree, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("dense"))
+    out = cifar.main(CIFAR_ARGS + ["--data_path", tree, "--job_dir", run_dir, "--method", "dense"])
+    return out, run_dir
+
+
+@pytest.mark.parametrize("method", ["dense", "srste", "transposable", "bimask"])
+def test_cifar_script_every_method(method, tree, tmp_path, dense_run):
+    if method == "dense":
+        out, run_dir = dense_run
+    else:
+        run_dir = str(tmp_path)
+        out = cifar.main(CIFAR_ARGS + ["--data_path", tree, "--job_dir", run_dir, "--method", method])
+    assert out["step"] == 6 and out["epochs_done"] == 2 and out["method"] == method
+    assert 0.0 <= out["final_top1"] <= 100.0 and out["final_top5"] == 100.0  # 3 classes
+    lines = _lines(run_dir)
+    assert [x["type"] for x in lines] == (["train"] * 3 + ["eval"]) * 2 + ["summary"]
+    assert lines[3]["count"] == 6  # every val image counted once (batch padded 6 -> 8)
+    assert all(np.isfinite(x["loss"]) for x in lines[:-1])
+    assert [x["lr"] for x in lines if x["type"] == "train"] == pytest.approx([0.1] * 3 + [0.05] * 3)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints", "last"))) == ["3", "6"]
+    assert len(os.listdir(os.path.join(run_dir, "checkpoints", "best"))) == 1
+    ms = out["state"]["model_state"]
+    assert "batch_stats" in ms
+    if method == "dense":
+        assert "bimask" not in ms
+    else:
+        refreshes = [int(x) for p, x in jax.tree_util.tree_leaves_with_path(ms["bimask"])
+                     if "refreshes" in jax.tree_util.keystr(p)]
+        # 6 sparse convs (stem excluded, classifier excluded); bimask refreshes at steps 0, 2, 4.
+        assert refreshes == [3 if method == "bimask" else 0] * 6
+
+
+def test_imagenet_script_resnet_and_deit(tmp_path):
+    tree = write_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=2,
+                              sizes=[(24, 20), (18, 26)])
+    common = ["--data_path", tree, "--image-size", "16", "--batch-size", "4", "--epochs", "1",
+              "--no-progress", "--log-every", "1", "--fast-compile"]
+    out = imagenet.main(common + ["--arch", "resnet18", "--width-mult", "0.0625", "--method",
+                                  "transposable", "--job_dir", str(tmp_path / "r18")])
+    assert out["step"] == 2 and np.isfinite(out["final_top1"])
+    # DeiT recipe: AdamW, warm-up, drop-path, mixup + cutmix; 2:4 via the reference's --N/--M.
+    out = imagenet.main(common + ["--arch", "vit_deit_tiny_patch16_224", "--width-mult", "0.125",
+                                  "--depth", "1", "--patch-size", "8", "--method", "bimask",
+                                  "--N", "2", "--M", "4", "--iter", "1", "--greedy_num", "2",
+                                  "--job_dir", str(tmp_path / "deit")])
+    cfg = json.load(open(tmp_path / "deit" / "config.json"))
+    assert cfg["optimizer"] == "adamw" and cfg["mixup"] == 0.8 and cfg["cutmix"] == 1.0
+    assert cfg["lr"] == pytest.approx(5e-4 * 4 / 512) and cfg["drop_path"] == 0.1
+    assert out["step"] == 2 and np.isfinite(_lines(str(tmp_path / "deit"))[0]["loss"])
+
+
+def test_resume_equals_unbroken_run(tree, tmp_path):
+    args = CIFAR_ARGS + ["--data_path", tree, "--method", "bimask", "--seed", "7"]
+    full = cifar.main(args + ["--job_dir", str(tmp_path / "full")])
+    part = str(tmp_path / "part")
+    first = cifar.main(args + ["--job_dir", part, "--stop-after-steps", "4"])
+    assert first["stopped_early"] and first["step"] == 4  # stopped mid-epoch 2 (3 steps/epoch)
+    resumed = cifar.main(args + ["--job_dir", part, "--resume"])
+    assert resumed["step"] == full["step"] == 6
+    # Params, optimizer state, batch stats, bimask permutations (refreshed at step 4, after the
+    # resume), step and RNG: bit-identical.
+    _leaves_equal(full["state"], resumed["state"])
+    assert resumed["final_top1"] == full["final_top1"]
+    # The train losses logged after the resume (steps 5 and 6) match too.
+    lf = [x["loss"] for x in _lines(str(tmp_path / "full")) if x["type"] == "train"]
+    lp = [x["loss"] for x in _lines(part) if x["type"] == "train"]
+    assert lp == lf
+    with pytest.raises(ValueError, match="no checkpoint"):
+        cifar.main(args + ["--job_dir", str(tmp_path / "empty"), "--resume"])
+
+
+_TWO_DEVICE = """
+import sys, json, numpy as np, jax
+sys.path.insert(0, {root!r})
+from train import cifar
+assert jax.device_count() == 2, jax.devices()
+out = cifar.main({args!r})
+np.savez({npz!r}, *[np.asarray(x) for x in jax.tree.leaves(out["state"]["params"])])
+try:
+    cifar.main({args!r} + ["--batch-size", "7"])
+except ValueError as e:
+    print("ERROR:", e)
+"""
+
+
+def test_two_device_sharded_run_matches_one_device(tree, tmp_path, dense_run):
+    out1, _ = dense_run
+    npz = str(tmp_path / "params.npz")
+    args = CIFAR_ARGS + ["--data_path", tree, "--job_dir", str(tmp_path / "run"), "--method",
+                         "dense"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    code = _TWO_DEVICE.format(root=ROOT, args=args, npz=npz)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 device(s)" in res.stdout
+    assert "--batch-size 7 is not divisible by the device count 2" in res.stdout
+    got = np.load(npz)
+    ref = jax.tree.leaves(out1["state"]["params"])
+    for i, r in enumerate(ref):
+        np.testing.assert_allclose(got[f"arr_{i}"], np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_fails_early_and_clearly(tmp_path):
+    base = CIFAR_ARGS + ["--method", "dense", "--job_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match="does not exist"):
+        cifar.main(base + ["--data_path", str(tmp_path / "missing")])
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        cifar.main(base + ["--data_path", str(tmp_path / "empty")])
+    bad = write_image_folder(tmp_path / "mismatch", classes=2, train_per_class=2, val_per_class=1)
+    os.rename(os.path.join(bad, "val", "class_1"), os.path.join(bad, "val", "other"))
+    with pytest.raises(ValueError, match=r"only in train \['class_1'\], only in val \['other'\]"):
+        imagenet.main(["--data_path", bad, "--arch", "resnet18", "--job_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="ImageNet model"):
+        cifar.main(["--arch", "resnet50", "--dataset", "digits"])
+
+
+def test_corrupt_jpeg_skip_counts_and_fail_names_the_file(tree, tmp_path):
+    data = write_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1,
+                              size=8)
+    with open(os.path.join(data, "train", "class_0", "0001.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0truncated")
+    args = CIFAR_ARGS + ["--data_path", data, "--method", "dense", "--batch-size", "8"]
+    with pytest.raises(RuntimeError, match="0001.jpg"):
+        cifar.main(args + ["--job_dir", str(tmp_path / "a")])
+    out = cifar.main(args + ["--job_dir", str(tmp_path / "b"), "--on-corrupt", "skip"])
+    assert out["skipped_images"] == 2  # 2 epochs of one step each: the bad file is read twice
+
+
+def _cfg(**kw):
+    base = dict(epochs=10, lr=1.0, min_lr=0.0, warmup_lr=0.0, warmup_epochs=0,
+                lr_schedule="cosine_step", optimizer="sgd", momentum=0.9, nesterov=False,
+                weight_decay=0.1, clip_grad=0.0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_lr_schedules():
+    spe = 4
+    s = loop.lr_schedule(_cfg(lr_schedule="cosine_epoch"), spe)
+    got = [float(s(i)) for i in range(40)]
+    ref = [0.5 * (1 + np.cos(np.pi * (i // spe) / 10)) for i in range(40)]
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    s = loop.lr_schedule(_cfg(warmup_epochs=2, warmup_lr=0.1, min_lr=0.01), spe)
+    got = [float(s(i)) for i in range(40)]
+    ref = [0.1 + 0.9 * (i + 1) / 8 if i < 8 else
+           0.01 + 0.5 * 0.99 * (1 + np.cos(np.pi * (i - 8) / 32)) for i in range(40)]
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_matches_pytorch_rule_and_skips_decay_on_bn_and_bias():
+    # PyTorch SGD: g' = g + wd*w (kernels only); buf = mu*buf + g'; w -= lr*buf.
+    params = {"conv": {"kernel": np.full((2, 2), 2.0, np.float32), "bias": np.ones(2, np.float32)},
+              "pos_embed": np.ones((1, 2, 2), np.float32)}
+    tx = loop.make_optimizer(_cfg(), lambda step: 0.5)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: np.full_like(x, 0.25), params)
+    w = params
+    for _ in range(2):
+        upd, state = tx.update(grads, state, w)
+        w = jax.tree.map(lambda a, b: a + b, w, upd)
+    k1 = 2.0 - 0.5 * (0.25 + 0.1 * 2.0)
+    buf1 = 0.25 + 0.1 * 2.0
+    k2 = k1 - 0.5 * (0.9 * buf1 + 0.25 + 0.1 * k1)
+    np.testing.assert_allclose(w["conv"]["kernel"], k2, rtol=1e-6)
+    np.testing.assert_allclose(w["conv"]["bias"], 1.0 - 0.5 * 0.25 - 0.5 * (0.9 * 0.25 + 0.25),
+                               rtol=1e-6)
+    np.testing.assert_allclose(w["pos_embed"], w["conv"]["bias"][0], rtol=1e-6)  # no decay
+
+
+def test_mix_batch_mixup_and_cutmix():
+    x = np.stack([np.full((4, 4, 1), float(i)) for i in range(4)]).astype(np.float32)
+    t = np.eye(4, dtype=np.float32)
+    mix = jax.jit(loop.mix_batch, static_argnums=(3, 4))
+    xm, tm = mix(jax.random.PRNGKey(0), x, t, 0.8, 0.0)
+    lam = float(tm[0, 0])
+    np.testing.assert_allclose(np.asarray(xm[0]), lam * 0 + (1 - lam) * 3, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tm).sum(1), 1.0, rtol=1e-6)
+    for seed in range(5):
+        xc, tc = mix(jax.random.PRNGKey(seed), x, t, 0.0, 1.0)
+        # Row 1 pastes a box of row 2; lam = the fraction of row 1's own pixels kept.
+        kept = float(np.mean(np.asarray(xc[1]) == 1.0))
+        np.testing.assert_allclose(float(tc[1, 1]), kept, rtol=1e-6)
+        np.testing.assert_allclose(float(tc[1, 2]), 1 - kept, rtol=1e-6)
