@@ -14,8 +14,8 @@ when ``Mf`` is 2:4 along K, the backward-data product when ``Mb[:, perm]`` is 2:
 (e.g. the all-True masks of ``method="dense"``). With concrete masks the choice is made in Python;
 under ``jit`` it is a ``lax.cond`` on a count over the mask.
 
-``precision`` is not used by the kernels: they accumulate in fp32 (on GPU, Triton may use TF32 for
-fp32 inputs, like XLA's default). On CPU the kernels run in Pallas interpret mode.
+``precision`` goes to the kernels' dots (they always accumulate in fp32; on GPU with fp32 inputs the
+default lets Triton use TF32, as XLA does). On CPU the kernels run in Pallas interpret mode.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def forward_product(x, kernel, fwd, *, precision=None):
 
     def with_kernel(x, kernel, fwd):
         values, meta = pk.compress(kernel.astype(dtype), axis=0, mask=fwd)
-        return pk.spmm(x.astype(dtype), values, meta, out_dtype=dtype)
+        return pk.spmm(x.astype(dtype), values, meta, out_dtype=dtype, precision=precision)
 
     def with_xla(x, kernel, fwd):
         return jnp.matmul(x.astype(dtype), _masked(kernel, fwd, dtype), precision=precision)
@@ -81,7 +81,7 @@ def backward_data_product(g, kernel, bwd, perm, *, precision=None):
     def with_kernel(g, kernel, bwd, perm):
         bt = kernel[:, perm].T.astype(dtype)
         values, meta = pk.compress(bt, axis=0, mask=bwd[:, perm].T)
-        return pk.spmm_bwd_data(g, values, meta, perm, out_dtype=dtype)
+        return pk.spmm_bwd_data(g, values, meta, perm, out_dtype=dtype, precision=precision)
 
     def with_xla(g, kernel, bwd, perm):
         del perm

@@ -99,7 +99,8 @@ def _expand_phases(v_ref, m_ref, kk, bk, loads):
             yield e, p, jnp.where(i0 == p, v0, jnp.where(i1 == p, v1, zero))
 
 
-def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool, loads: str):
+def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool, loads: str,
+                 precision=None):
     if gather:
         x_ref, v_ref, m_ref, perm_ref, *rest = refs
     else:
@@ -132,7 +133,8 @@ def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool, loads: st
     def body(kk, acc):
         xs = x_parts(kk)
         for e, p, d in _expand_phases(v_ref, m_ref, kk, bk, loads):
-            acc = acc + jnp.dot(xs[4 * e + p], d, preferred_element_type=jnp.float32)
+            acc = acc + jnp.dot(xs[4 * e + p], d, precision=precision,
+                                preferred_element_type=jnp.float32)
         return acc
 
     acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
@@ -142,9 +144,9 @@ def _spmm_kernel(*refs, bk: int, nk: int, gather: bool, aliased: bool, loads: st
 @functools.partial(
     jax.jit,
     static_argnames=("bm", "bn", "bk", "interpret", "num_warps", "num_stages", "out_dtype",
-                     "loads"))
+                     "loads", "precision"))
 def _spmm_padded(x, values, metadata, perm, out_init, *, bm, bn, bk, interpret, num_warps,
-                 num_stages, out_dtype, loads):
+                 num_stages, out_dtype, loads, precision):
     """x (Mp, Kp), values (Kp/2, Np), metadata (Kp/8, Np), perm (Kp,) int32 or None; all divide."""
     mp, kp = x.shape
     np_ = values.shape[1]
@@ -163,7 +165,7 @@ def _spmm_padded(x, values, metadata, perm, out_init, *, bm, bn, bk, interpret, 
         in_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
         args.append(out_init)
     kernel = functools.partial(_spmm_kernel, bk=bk, nk=kp // bk, gather=gather, aliased=aliased,
-                               loads=loads)
+                               loads=loads, precision=precision)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
@@ -179,7 +181,7 @@ def _spmm_padded(x, values, metadata, perm, out_init, *, bm, bn, bk, interpret, 
 
 
 def _spmm_impl(x, values, metadata, perm, *, block_m, block_n, block_k, interpret, num_warps,
-               num_stages, out_dtype, out_init, loads):
+               num_stages, out_dtype, out_init, loads, precision):
     x, values, metadata = jnp.asarray(x), jnp.asarray(values), jnp.asarray(metadata)
     _check_blocks(block_m, block_n, block_k)
     if loads not in ("strided", "split"):
@@ -220,13 +222,14 @@ def _spmm_impl(x, values, metadata, perm, *, block_m, block_n, block_k, interpre
     if out_init is not None:
         out_init = _pad_to(jnp.asarray(out_init, out_dtype).reshape(-1, n), (mp, np_))
     y = _spmm_padded(x2, v, md, perm, out_init, bm=bm, bn=bn, bk=bk, interpret=bool(interpret),
-                     num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype, loads=loads)
+                     num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype, loads=loads,
+                     precision=precision)
     return y[:m, :n].reshape(*lead, n)
 
 
 def spmm(x, values, metadata, *, block_m: int = 64, block_n: int = 64, block_k: int = 256,
          interpret: bool | None = None, num_warps: int = 4, num_stages: int = 3,
-         out_dtype=None, out_init=None, loads: str = "strided"):
+         out_dtype=None, out_init=None, loads: str = "strided", precision=None):
     """``y = x @ W`` for ``W`` (K, N) given as ``compress(W, axis=0)``.
 
     Args:
@@ -242,19 +245,22 @@ def spmm(x, values, metadata, *, block_m: int = 64, block_n: int = 64, block_k: 
       loads: how the kernel reads the phase slices: ``"strided"`` (stride-8 column loads of x,
         stride-4 row loads of values) or ``"split"`` (contiguous tile loads, split in registers by
         reshape + equal splits). Same result; which is faster on a GPU is not measured yet.
+      precision: ``lax.Precision`` of the in-kernel dots. On GPU with fp32 inputs the default lets
+        Triton use TF32 (as XLA does); ``HIGHEST`` asks for IEEE fp32.
 
     Returns:
       (..., N) array.
     """
     return _spmm_impl(x, values, metadata, None, block_m=block_m, block_n=block_n,
                       block_k=block_k, interpret=interpret, num_warps=num_warps,
-                      num_stages=num_stages, out_dtype=out_dtype, out_init=out_init, loads=loads)
+                      num_stages=num_stages, out_dtype=out_dtype, out_init=out_init, loads=loads,
+                      precision=precision)
 
 
 def spmm_bwd_data(g, values_t, metadata_t, perm, *, gather: str = "xla", block_m: int = 64,
                   block_n: int = 64, block_k: int = 256, interpret: bool | None = None,
                   num_warps: int = 4, num_stages: int = 3, out_dtype=None, out_init=None,
-                  loads: str = "strided"):
+                  loads: str = "strided", precision=None):
     """Bi-Mask backward-data product ``dx = g @ (W*Mb)^T``.
 
     The operand is ``B = ((W*Mb)[:, perm]).T`` of shape (C, K), 2:4 along axis 0 (the output
@@ -281,7 +287,7 @@ def spmm_bwd_data(g, values_t, metadata_t, perm, *, gather: str = "xla", block_m
         raise ValueError(f"perm must have shape ({c},) (g's last axis), got {perm.shape}")
     kw = dict(block_m=block_m, block_n=block_n, block_k=block_k, interpret=interpret,
               num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype, out_init=out_init,
-              loads=loads)
+              loads=loads, precision=precision)
     if gather == "xla":
         return _spmm_impl(jnp.take(g, perm, axis=-1), values_t, metadata_t, None, **kw)
     return _spmm_impl(g, values_t, metadata_t, perm, **kw)
