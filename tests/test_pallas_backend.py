@@ -9,6 +9,9 @@ import bimask_jax as bj
 from bimask_jax import pallas_backend
 from bimask_jax.ops import sparse_dense
 
+# fp32 on CPU (interpret mode) is exact up to summation order; on a GPU Triton (and XLA) may use TF32
+F32_TOL = 1e-5 if jax.default_backend() != "gpu" else 1e-2
+
 
 def bimask_setup(k, c, seed, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
@@ -25,7 +28,7 @@ def loss(x, w, fwd, bwd, perm, backend):
     return jnp.sum(jnp.sin(y.astype(jnp.float32)))
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, 3e-2)])
 def test_pallas_equals_xla_values_and_grads(dtype, tol):
     x, w, fwd, bwd, perm = bimask_setup(40, 24, 0, dtype)
     assert bool(pallas_backend.is_24(fwd, 0)) and bool(pallas_backend.is_24(bwd[:, perm], 1))
@@ -94,7 +97,7 @@ def test_sparse_conv_pallas_equals_xla(window, strides, padding, kernels):
     (gx_x, gw_x), y_x = grad(x, w, fwd, bwd, perm, "xla", strides, padding)
     (gx_p, gw_p), y_p = grad(x, w, fwd, bwd, perm, "pallas", strides, padding)
     for a, b in ((y_p, y_x), (gx_p, gx_x), (gw_p, gw_x)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=F32_TOL, atol=F32_TOL)
     jaxpr = str(jax.make_jaxpr(
         lambda x_: grad(x_, w, fwd, bwd, perm, "pallas", strides, padding))(x))
     assert jaxpr.count("pallas_call") == kernels
@@ -125,5 +128,5 @@ def test_pallas_backend_under_vmap_and_remat():
         g = jax.checkpoint(lambda xb: sparse_dense(xb, w, fwd, bwd, perm=perm, backend=backend))
         return jax.vmap(g)(x)
 
-    np.testing.assert_allclose(np.asarray(f("pallas")), np.asarray(f("xla")), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(f("pallas")), np.asarray(f("xla")), rtol=F32_TOL,
+                               atol=F32_TOL)
