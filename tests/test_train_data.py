@@ -173,3 +173,12 @@ def test_digits_split_is_stratified_and_fixed():
     assert set(np.unique(test.labels)) == set(range(10))
     again = D.load_digits_split()[1]
     np.testing.assert_array_equal(test.labels, again.labels)
+
+
+def test_padded_crop_equals_pad_then_slice():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for top in range(-6, 7):
+        for left in range(-8, 9):
+            ref = np.pad(img, ((8, 8), (8, 8), (0, 0)))[top + 8:top + 8 + 5, left + 8:left + 8 + 5]
+            np.testing.assert_array_equal(D.padded_crop(img, top, left, 5), ref)

@@ -295,6 +295,18 @@ def _load_small(path: str, size: int, channels: int) -> np.ndarray:
         return _as_rgb_array(img, channels)
 
 
+def padded_crop(arr: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` window at (top, left) of ``arr`` (H, W, C) zero-padded on every
+    side (offsets may be negative): ``np.pad`` then slice, without building the padded image."""
+    h, w = arr.shape[:2]
+    out = np.zeros((size, size) + arr.shape[2:], arr.dtype)
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + size, h), min(left + size, w)
+    if r1 > r0 and c1 > c0:
+        out[r0 - top : r1 - top, c0 - left : c1 - left] = arr[r0:r1, c0:c1]
+    return out
+
+
 @dataclass(frozen=True)
 class SmallImage:
     """Load a small image (CIFAR-style): an in-memory array or a file resized to ``size`` x
@@ -319,10 +331,8 @@ class SmallImage:
             arr = src
         if rng is not None:
             if self.padding:
-                p = self.padding
-                padded = np.pad(arr, ((p, p), (p, p), (0, 0)))
-                i, j = rng.integers(0, 2 * p + 1, size=2)
-                arr = padded[i : i + self.size, j : j + self.size]
+                i, j = rng.integers(0, 2 * self.padding + 1, size=2)
+                arr = padded_crop(arr, int(i) - self.padding, int(j) - self.padding, self.size)
             if self.flip and rng.random() < 0.5:
                 arr = arr[:, ::-1]
         return {"image": np.ascontiguousarray(arr), "label": np.int32(label), "valid": np.bool_(True)}

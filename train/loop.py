@@ -405,6 +405,11 @@ def evaluate(eval_step, state, data: DataSpec, cfg, sharding) -> dict:
             "count": int(t["count"])}
 
 
+def _write_config(run_dir: str, cfg) -> None:
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(vars(cfg), f, indent=1, default=str)
+
+
 def default_run_dir(script: str, cfg) -> str:
     return os.path.join("runs", f"{script}-{cfg.arch}-{cfg.method}")
 
@@ -432,6 +437,12 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
                          devices=devices)
     repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+    if cfg.resume and ckpt.latest_step() is None:
+        raise ValueError(f"--resume: no checkpoint in {run_dir!r}")
+    if not cfg.resume and ckpt.latest_step() is not None:
+        raise ValueError(f"run dir {run_dir!r} already holds checkpoints: pass --resume to "
+                         "continue that run, or choose another --run-dir")
     log = Logger(run_dir, progress=not cfg.no_progress, tensorboard=cfg.tensorboard,
                  enabled=pidx == 0)
     hooks = sparsify(module, cfg, dense_layers)
@@ -455,11 +466,8 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
     mutable = [c for c in state["model_state"] if c != "bimask"]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
     epoch, batch_in_epoch, best_top1 = 0, 0, -1.0
     if cfg.resume:
-        if ckpt.latest_step() is None:
-            raise ValueError(f"--resume: no checkpoint in {run_dir!r}")
         state, meta = ckpt.restore(state)
         epoch, batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
         best_top1 = float(meta.get("best_top1", -1.0))
@@ -468,8 +476,7 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
                              f"epoch, this run {spe} (different data or batch size)")
         log.print(f"resumed from step {int(state['step'])} (epoch {epoch + 1}, batch {batch_in_epoch})")
     elif pidx == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(vars(cfg), f, indent=1, default=str)
+        _write_config(run_dir, cfg)
 
     train_step = _compile(jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
                                   in_shardings=(repl, rows), out_shardings=(repl, repl),
