@@ -52,17 +52,21 @@ from pallas_kernels import (  # noqa: E402
 
 
 def resnet50_gemms(batch: int = 256) -> list[tuple[str, int, int, int]]:
-    """Distinct implicit GEMMs (M = batch*H*W, K = kh*kw*Cin, N = Cout) of ResNet-50's 2:4 layers."""
+    """Distinct implicit GEMMs (M = batch*H*W, K = kh*kw*Cin, N = Cout) of ResNet-50 (v1.5, 224^2
+    input, stride on the 3x3) except the dense stem: per stage the first block's 1x1 (at the input
+    resolution), the 3x3, the expanding 1x1, the downsample shortcut, the later blocks' first 1x1;
+    and the fc layer."""
     out = []
-    # (stage, spatial out, width, in channels of the first block)
-    for stage, hw, width, cin in ((1, 56, 64, 64), (2, 28, 128, 256), (3, 14, 256, 512),
-                                  (4, 7, 512, 1024)):
-        m = batch * hw * hw
+    # (stage, output side, width, first block's input channels, first block's input side)
+    for st, hw, width, cin, hw_in in ((1, 56, 64, 64, 56), (2, 28, 128, 256, 56),
+                                      (3, 14, 256, 512, 28), (4, 7, 512, 1024, 14)):
+        m, m_in = batch * hw * hw, batch * hw_in * hw_in
         out += [
-            (f"r50.s{stage}.1x1_in", m, cin, width),
-            (f"r50.s{stage}.1x1_mid", m, 4 * width, width),
-            (f"r50.s{stage}.3x3", m, 9 * width, width),
-            (f"r50.s{stage}.1x1_out", m, width, 4 * width),
+            (f"r50.s{st}.b0_1x1_in", m_in, cin, width),
+            (f"r50.s{st}.3x3", m, 9 * width, width),
+            (f"r50.s{st}.1x1_out", m, width, 4 * width),
+            (f"r50.s{st}.downsample", m, cin, 4 * width),
+            (f"r50.s{st}.1x1_in", m, 4 * width, width),
         ]
     out.append(("r50.fc", batch, 2048, 1000))
     seen, uniq = set(), []
