@@ -115,7 +115,7 @@ def search_permutation(
     init=None,
     chunk_size: int | None = None,
     method: str = "random",
-    iterations: int = 64,
+    iterations: int = 100,
     patience: int = 0,
     kick: int = 0,
 ):

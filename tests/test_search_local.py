@@ -69,12 +69,12 @@ def test_swap_gains_equal_brute_force_score_differences(n, m):
     assert np.any(want != 0)  # the check has something to compare
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
+@pytest.mark.parametrize("n,m", [(2, 4), (2, 8)])
 def test_swap_search_one_iteration_takes_the_best_swap_and_converges(n, m):
-    k = _kernel((48, 8 * m), seed=m)
+    c = 48 // m * 4  # 48 columns for m = 4, 24 for m = 8
+    k = _kernel((48, c), seed=m)
     f2 = np.asarray(bj.forward_mask(k, n, m))
-    init = np.random.default_rng(2).permutation(8 * m)
-    c = 8 * m
+    init = np.random.default_rng(2).permutation(c)
     base = _np_score(f2, init, n, m)
     best_gain = max(
         _np_score(f2, _np_swapped(init, a, b), n, m) - base
@@ -122,11 +122,10 @@ def test_stripe_one_iteration_equals_exhaustive_pair_splits(n, m):
     assert _np_score(f2, got, n, m) >= _np_score(f2, init, n, m)
 
 
-@pytest.mark.parametrize("method", ["stripe", "swap"])
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize(
+    "method,n,m", [("stripe", 2, 4), ("stripe", 1, 4), ("swap", 2, 4), ("swap", 4, 8)]
+)
 def test_search_is_permutation_never_below_incumbent_and_improves(method, n, m):
-    if method == "stripe" and m > ls.STRIPE_MAX_M:
-        pytest.skip("stripe needs m <= 6")
     k = _kernel((3, 3, 8, 8 * m), seed=n * m)
     f2 = np.asarray(bj.forward_mask(k, n, m)).reshape(-1, 8 * m)
     key = jax.random.key(1)
