@@ -1,6 +1,8 @@
 """bimask_jax.sparse on linen models: interception of Dense/DenseGeneral/Conv, state collection,
 gradients against hand-written layer_masks + sparse_dense/sparse_conv, methods, remat/scan."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,17 +35,24 @@ class SmallNet(nn.Module):
         return nn.Dense(10, name="head")(x)
 
 
-def _setup(method="bimask", **kw):
+@functools.cache
+def _setup_cached(method):
     net = SmallNet()
-    model = bf.sparse(net, method=method, **kw)
+    model = bf.sparse(net, method=method)
     x = _normal(0, (4, 8, 8, 3))
     variables = jax.jit(model.init)(jax.random.key(1), x)
     return net, model, x, variables
 
 
+def _setup(method="bimask"):
+    """(unwrapped, wrapped, x, fresh copy of the wrapped model's variables); one init per method."""
+    net, model, x, v = _setup_cached(method)
+    return net, model, x, jax.tree.map(lambda a: a, v)
+
+
 def test_params_tree_equals_unwrapped_and_state_collection():
     net, model, x, v = _setup()
-    v0 = jax.jit(net.init)(jax.random.key(1), x)
+    v0 = jax.eval_shape(net.init, jax.random.key(1), x)
     assert jax.tree.structure(v["params"]) == jax.tree.structure(v0["params"])
     assert jax.tree.map(jnp.shape, v["params"]) == jax.tree.map(jnp.shape, v0["params"])
     assert set(v) == {"params", "batch_stats", "bimask"}
@@ -54,7 +63,8 @@ def test_params_tree_equals_unwrapped_and_state_collection():
         assert v["bimask"][name]["perm"].dtype == jnp.int32
         assert v["bimask"][name]["refreshes"].shape == ()
     # a dense checkpoint (the unwrapped model's params) loads unchanged
-    y, _ = model.apply({**v, "params": v0["params"]}, x, train=True, mutable=["batch_stats"])
+    dense_params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), v0["params"])
+    y, _ = model.apply({**v, "params": dense_params}, x, train=True, mutable=["batch_stats"])
     assert y.shape == (4, 10)
 
 
@@ -95,8 +105,8 @@ def test_grads_equal_hand_computed_layer_masks_and_sparse_ops():
     def loss_hand(params):
         return jnp.mean((_hand_forward(params, None, perms, x) - target) ** 2)
 
-    lw, gw = jax.value_and_grad(loss_wrapped)(v["params"])
-    lh, gh = jax.value_and_grad(loss_hand)(v["params"])
+    lw, gw = jax.jit(jax.value_and_grad(loss_wrapped))(v["params"])
+    lh, gh = jax.jit(jax.value_and_grad(loss_hand))(v["params"])
     np.testing.assert_allclose(lw, lh, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gh), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -150,8 +160,8 @@ def test_dense_method_equals_unwrapped_exactly():
         y, _ = mod.apply({**extra, "params": params}, x, train=True, mutable=["batch_stats"])
         return jnp.sum(jnp.sin(y))
 
-    lw, gw = jax.value_and_grad(lambda p: loss(model, p, v))(v["params"])
-    ld, gd = jax.value_and_grad(lambda p: loss(net, p, v0))(v0["params"])
+    lw, gw = jax.jit(jax.value_and_grad(lambda p: loss(model, p, v)))(v["params"])
+    ld, gd = jax.jit(jax.value_and_grad(lambda p: loss(net, p, v0)))(v0["params"])
     assert lw == ld
     for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gd), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -277,11 +287,11 @@ class Stack(nn.Module):
 def test_remat_scan_state_is_scanned_and_grads_match_unrolled():
     model = bf.sparse(Stack())
     x = _normal(0, (4, 8))
-    v = model.init(jax.random.key(1), x)
+    v = jax.jit(model.init)(jax.random.key(1), x)
     assert v["params"]["blocks"]["fc"]["kernel"].shape == (3, 8, 8)
     assert v["bimask"]["blocks"]["fc"]["perm"].shape == (3, 8)
     v["params"]["blocks"]["fc"]["kernel"] = _normal(2, (3, 8, 8))
-    new = bf.refresh(jax.random.key(3), model, v)
+    new = jax.jit(bf.refresh, static_argnums=1)(jax.random.key(3), model, v)
     perms = np.asarray(new["blocks"]["fc"]["perm"])
     assert perms.shape == (3, 8) and all(sorted(p) == list(range(8)) for p in perms)
     np.testing.assert_array_equal(new["blocks"]["fc"]["refreshes"], [1, 1, 1])
@@ -295,8 +305,8 @@ def test_remat_scan_state_is_scanned_and_grads_match_unrolled():
             h = h + bj.sparse_dense(jax.nn.relu(h), w, f, b) + params["blocks"]["fc"]["bias"][i]
         return jnp.sum(h ** 2)
 
-    gw = jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, x) ** 2))(v["params"])
-    gh = jax.grad(unrolled)(v["params"])
+    gw = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, x) ** 2)))(v["params"])
+    gh = jax.jit(jax.grad(unrolled))(v["params"])
     for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gh), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -333,10 +343,11 @@ def test_skip_rules_fallback_and_summary():
     (dict(include="^fc$"), ["fc"]),
 ])
 def test_exclude_include(kw, sparse):
-    _, model, _, v = _setup(**kw)
-    rows = bf.summary(model, v, print_fn=None)
-    assert [r["path"] for r in rows if r["status"] == "sparse"] == sparse
+    model = bf.sparse(SmallNet(), **kw)
+    v = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 3)))
     assert sorted(v["bimask"]) == sparse
+    got = [p for p, r in model.recorder.layers.items() if r["sparse"]]
+    assert got == sparse
 
 
 def test_export_loads_into_unwrapped_model():

@@ -85,9 +85,9 @@ def test_grads_equal_hand_computed():
         f, b = bj.layer_masks(w, 2, 4, "srste")
         return jnp.mean((bj.sparse_dense(h, w, f, b) + p["head"]["bias"] - t) ** 2)
 
-    lw, gw = nnx.value_and_grad(lambda mdl: jnp.mean((mdl(x) - t) ** 2))(model)
+    lw, gw = nnx.jit(nnx.value_and_grad(lambda mdl: jnp.mean((mdl(x) - t) ** 2)))(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    lh, gh = jax.value_and_grad(hand)(params)
+    lh, gh = jax.jit(jax.value_and_grad(hand))(params)
     np.testing.assert_allclose(lw, lh, rtol=1e-5)
     gw = nnx.to_pure_dict(gw)
     assert jax.tree.structure(gw) == jax.tree.structure(gh)
@@ -130,8 +130,8 @@ def test_dense_method_equals_unwrapped_exactly():
     def loss(mdl):
         return jnp.sum(jnp.sin(mdl(x)))
 
-    l0, g0 = nnx.value_and_grad(loss)(plain)
-    l1, g1 = nnx.value_and_grad(loss)(model)
+    l0, g0 = nnx.jit(nnx.value_and_grad(loss))(plain)
+    l1, g1 = nnx.jit(nnx.value_and_grad(loss))(model)
     assert l0 == l1
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -158,6 +158,7 @@ def test_jit_optimizer_step_updates_params_only_and_masks_follow_kernels():
         nnx.update(model, bf.maybe_refresh(key, model, None, i, refresh_every=3))
         return lv
 
+    apply = nnx.jit(lambda mdl, z: mdl(z))
     masks, losses = [], []
     for i in range(5):
         w = np.asarray(model.fc1.kernel[...])
@@ -165,7 +166,7 @@ def test_jit_optimizer_step_updates_params_only_and_masks_follow_kernels():
         w2 = np.asarray(model.fc2.kernel[...])
         h = np.maximum(np.asarray(x) @ (w * masks[-1]) + np.asarray(model.fc1.bias[...]), 0)
         y = h @ (w2 * ref.nm_mask(w2, 2, 4, axis=0)) + np.asarray(model.fc2.bias[...])
-        np.testing.assert_allclose(model(x), y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(apply(model, x), y, rtol=1e-4, atol=1e-5)
         before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, bf.BimaskState)))
         losses.append(float(step(model, opt, jax.random.key(i), jnp.int32(i))))
         after = nnx.to_pure_dict(nnx.state(model, bf.BimaskState))
@@ -191,7 +192,8 @@ def test_attention_sparse_and_export_loads_into_unwrapped():
     exported = bf.export(model)
     plain = make()
     nnx.update(plain, exported)
-    np.testing.assert_allclose(plain(x), model(x), rtol=1e-5, atol=1e-6)
+    fwd = nnx.jit(lambda mdl, z: mdl(z))
+    np.testing.assert_allclose(fwd(plain, x), fwd(model, x), rtol=1e-5, atol=1e-6)
     q = np.asarray(plain.query.kernel[...]).reshape(8, 16)
     assert ref.is_nm(q != 0, 2, 4, axis=0) and (q != 0).sum() == q.size // 2
 
@@ -215,5 +217,5 @@ def test_stacked_layers_under_nnx_scan():
     for i in range(3):
         w = np.asarray(stack.kernel[...][i])
         h = h + h @ (w * ref.nm_mask(w, 2, 4, axis=0)) + np.asarray(stack.bias[...][i])
-    np.testing.assert_allclose(forward(x, stack), h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(nnx.jit(forward)(x, stack), h, rtol=1e-4, atol=1e-5)
     assert all(sorted(p) == list(range(8)) for p in perms)
