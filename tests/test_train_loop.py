@@ -74,7 +74,15 @@ def test_cifar_script_every_method(method, tree, tmp_path, dense_run):
         out, run_dir = dense_run
     else:
         run_dir = str(tmp_path)
-        out = cifar.main(CIFAR_ARGS + ["--data_path", tree, "--job_dir", run_dir, "--method", method])
+        out = cifar.main(CIFAR_ARGS + ["--data_path", tree, "--job_dir", run_dir, "--method", method,
+                                       "--eval-export"])
+        # The exported weights (kernels times forward masks) in the plain model score the same.
+        assert out["export_top1"] == out["final_top1"]
+        assert os.path.isdir(os.path.join(run_dir, "export"))
+        rows = json.load(open(os.path.join(run_dir, "sparsity.json")))
+        assert [r["path"] for r in rows if r["status"] == "sparse"] == [
+            f"stage{s}_block0/conv{c}" for s in (1, 2, 3) for c in (1, 2)]
+        assert all(r["fwd_density"] == 0.5 for r in rows if r["status"] == "sparse")
     assert out["step"] == 6 and out["epochs_done"] == 2 and out["method"] == method
     assert 0.0 <= out["final_top1"] <= 100.0 and out["final_top5"] == 100.0  # 3 classes
     lines = _lines(run_dir)
@@ -104,7 +112,12 @@ def test_imagenet_script_resnet_and_deit(tmp_path):
                                   "transposable", "--job_dir", str(tmp_path / "r18")])
     assert out["step"] == 2 and np.isfinite(out["final_top1"])
     # DeiT recipe: AdamW, warm-up, drop-path, mixup + cutmix; 2:4 via the reference's --N/--M.
-    out = imagenet.main(common + ["--arch", "vit_deit_tiny_patch16_224", "--width-mult", "0.125",
+    try:
+        import tensorboardX  # noqa: F401
+        tb = ["--tensorboard"]
+    except ImportError:  # optional dependency (the "train" extra)
+        tb = []
+    out = imagenet.main(common + tb + ["--arch", "vit_deit_tiny_patch16_224", "--width-mult", "0.125",
                                   "--depth", "1", "--patch-size", "8", "--method", "bimask",
                                   "--N", "2", "--M", "4", "--iter", "1", "--greedy_num", "2",
                                   "--job_dir", str(tmp_path / "deit")])
@@ -112,6 +125,8 @@ def test_imagenet_script_resnet_and_deit(tmp_path):
     assert cfg["optimizer"] == "adamw" and cfg["mixup"] == 0.8 and cfg["cutmix"] == 1.0
     assert cfg["lr"] == pytest.approx(5e-4 * 4 / 512) and cfg["drop_path"] == 0.1
     assert out["step"] == 2 and np.isfinite(_lines(str(tmp_path / "deit"))[0]["loss"])
+    if tb:
+        assert os.listdir(tmp_path / "deit" / "tb")[0].startswith("events.out.tfevents")
 
 
 def test_resume_equals_unbroken_run(tree, tmp_path):

@@ -140,6 +140,8 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="checkpoint and exit after this global step (simulates pre-emption)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--eval-export", action="store_true",
+                   help="sparse methods: also evaluate the exported (masked, unwrapped) weights")
     g.add_argument("--fast-compile", action="store_true",
                    help="compile the train/eval steps without XLA backend optimisation (much "
                         "faster compiles, slower steps: smoke runs and tests on CPU)")

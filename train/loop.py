@@ -410,6 +410,26 @@ def _write_config(run_dir: str, cfg) -> None:
         json.dump(vars(cfg), f, indent=1, default=str)
 
 
+def _export(hooks: SparseHooks, module, variables, run_dir: str, cfg, data: DataSpec, *,
+            rows_sharding) -> float | None:
+    """Save ``bimask_jax.export`` (the unwrapped model's variables, every sparse kernel times its
+    forward mask) to ``<run_dir>/export`` (orbax); with ``--eval-export`` evaluate those weights
+    with the plain module and return their top-1 (equal to the sparse model's, up to float
+    rounding)."""
+    import orbax.checkpoint as ocp
+
+    exported = hooks.export(hooks.model, variables)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(os.path.join(run_dir, "export")), exported, force=True)
+    if not cfg.eval_export:
+        return None
+    plain = SparseHooks(model=module, method="dense")
+    rest = {k: v for k, v in exported.items() if k != "params"}
+    ev = _compile(jax.jit(make_eval_step(plain, cfg, data)), fast=cfg.fast_compile)
+    return evaluate(ev, {"params": exported["params"], "model_state": rest}, data, cfg,
+                    rows_sharding)["top1"]
+
+
 def default_run_dir(script: str, cfg) -> str:
     return os.path.join("runs", f"{script}-{cfg.arch}-{cfg.method}")
 
@@ -435,7 +455,7 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
     # which every op inside the model would then have to support).
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=devices)
-    repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    repl, rows_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
     if cfg.resume and ckpt.latest_step() is None:
@@ -479,9 +499,9 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
         _write_config(run_dir, cfg)
 
     train_step = _compile(jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
-                                  in_shardings=(repl, rows), out_shardings=(repl, repl),
+                                  in_shardings=(repl, rows_sh), out_shardings=(repl, repl),
                                   donate_argnums=0), fast=cfg.fast_compile)
-    eval_step = _compile(jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows),
+    eval_step = _compile(jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows_sh),
                                  out_shardings=repl), fast=cfg.fast_compile)
 
     def meta_of(ep, b):
@@ -503,7 +523,7 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
             workers=cfg.workers, prefetch=cfg.prefetch)
         acc_m, t_log, n_log = None, time.time(), 0
         for b, local in enumerate(batches, start=batch_in_epoch):
-            state, metrics = train_step(state, _global_batch(local, rows))
+            state, metrics = train_step(state, _global_batch(local, rows_sh))
             acc_m = metrics if acc_m is None else jax.tree.map(jnp.add, acc_m, metrics)
             n_log += 1
             step = b + 1
@@ -532,7 +552,7 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
         epoch, batch_in_epoch = epoch + 1, 0
         is_best = False
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            last_eval = evaluate(eval_step, state, data, cfg, rows)
+            last_eval = evaluate(eval_step, state, data, cfg, rows_sh)
             is_best = last_eval["top1"] > best_top1
             best_top1 = max(best_top1, last_eval["top1"])
             log.record("eval", step=int(epoch * spe), epoch=epoch, **last_eval)
@@ -543,15 +563,21 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
     ckpt.close()
 
     variables = {"params": state["params"], **state["model_state"]}
-    if hooks.summary is not None and not stopped and pidx == 0:
-        hooks.summary(hooks.model, variables)
+    export_top1 = None
+    if hooks.summary is not None and not stopped:
+        rows = hooks.summary(hooks.model, variables, print_fn=log.print)
+        if pidx == 0:
+            with open(os.path.join(run_dir, "sparsity.json"), "w") as f:
+                json.dump(rows, f, indent=1, default=str)
+        export_top1 = _export(hooks, module, variables, run_dir, cfg, data, rows_sharding=rows_sh)
     summary = {
         "arch": cfg.arch, "method": cfg.method, "n": cfg.n, "m": cfg.m,
         "epochs_done": epoch, "step": int(state["step"]), "params": n_params,
         "final_top1": last_eval["top1"] if last_eval else None,
         "final_top5": last_eval["top5"] if last_eval else None,
         "best_top1": best_top1 if best_top1 >= 0 else None,
-        "skipped_images": skipped_total, "seconds": round(time.time() - t_start, 1),
+        "export_top1": export_top1, "skipped_images": skipped_total,
+        "seconds": round(time.time() - t_start, 1),
         "stopped_early": stopped, "run_dir": run_dir,
     }
     log.record("summary", **summary)
