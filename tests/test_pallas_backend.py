@@ -130,3 +130,33 @@ def test_pallas_backend_under_vmap_and_remat():
 
     np.testing.assert_allclose(np.asarray(f("pallas")), np.asarray(f("xla")), rtol=F32_TOL,
                                atol=F32_TOL)
+
+
+def test_flax_wrapper_with_pallas_backend_equals_xla():
+    """bimask_jax.sparse(..., backend="pallas"): Dense and the 1x1 conv run the kernels."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(16, (3, 3))(x))       # 3x3: XLA conv
+            x = nn.Conv(16, (1, 1), strides=2)(x)     # 1x1: 2:4 kernels
+            return nn.Dense(8)(x.reshape(x.shape[0], -1))  # 2:4 kernels
+
+    x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (2, 6, 6, 8)), jnp.float32)
+    results = {}
+    for backend in ("xla", "pallas"):
+        model = bj.sparse(Net(), 2, 4, "bimask", backend=backend, num_candidates=4)
+        variables = model.init(jax.random.PRNGKey(0), x)
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def loss(p, model=model, rest=rest):
+            return jnp.sum(jnp.sin(model.apply({"params": p, **rest}, x)))
+
+        results[backend] = jax.jit(jax.value_and_grad(loss))(variables["params"])
+        calls = str(jax.make_jaxpr(jax.grad(loss))(variables["params"])).count("pallas_call")
+        assert calls == (4 if backend == "pallas" else 0)
+    (v_x, g_x), (v_p, g_p) = results["xla"], results["pallas"]
+    np.testing.assert_allclose(float(v_p), float(v_x), rtol=F32_TOL, atol=F32_TOL)
+    for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=F32_TOL, atol=F32_TOL)
