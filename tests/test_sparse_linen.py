@@ -374,3 +374,19 @@ def test_bad_arguments():
     v = model.init(jax.random.key(0), jnp.ones((1, 8)))
     with pytest.raises(ValueError, match="no Bi-Mask state"):
         model.apply({"params": v["params"]}, jnp.ones((1, 8)))
+
+
+def test_pallas_backend_matches_xla():
+    """backend="pallas": the wrapper hands the layer's permutation to the 2:4 kernels (interpret
+    mode on CPU); loss and grads equal the XLA backend's."""
+    x = _normal(0, (4, 8))
+    out = []
+    for backend in ("xla", "pallas"):
+        model = bf.sparse(MLP(), backend=backend)
+        v = jax.jit(model.init)(jax.random.key(1), x)
+        v["bimask"] = bf.refresh(jax.random.key(2), model, v)
+        loss = lambda p, v=v, model=model: jnp.sum(model.apply({**v, "params": p}, x) ** 2)
+        out.append(jax.jit(jax.value_and_grad(loss))(v["params"]))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -78,3 +78,14 @@ def test_refresh_due_and_maybe_refresh_host_and_jit_agree():
         due = step % 4 == 0
         assert int(dev["conv"]["refreshes"]) == int(due)
         assert (np.asarray(dev["conv"]["perm"]) != np.arange(16)).any() == due
+
+
+@pytest.mark.parametrize("search", ["swap"])
+def test_local_search_option(search):
+    model, v = _model(search=search, search_iterations=8)
+    new = bf.refresh(jax.random.key(2), model, v)
+    kernel = v["params"]["conv"]["kernel"]
+    assert sorted(np.asarray(new["conv"]["perm"]).tolist()) == list(range(16))
+    assert _retained(kernel, new["conv"]["perm"]) > _retained(kernel, np.arange(16))
+    with pytest.raises(ValueError, match="search"):
+        bf.sparse(Two(), search="annealing")

@@ -12,7 +12,8 @@ from bimask_jax.flax.config import SparseConfig
 
 def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candidates: int = 100,
            refresh_every: int = 100, decay: float = 2e-4, exclude=None, include=None,
-           backend: str = "xla", chunk_size: int | None = None):
+           backend: str = "xla", chunk_size: int | None = None, search: str = "random",
+           search_iterations: int = 64):
     """Bi-Mask N:M sparse training for an unmodified Flax model.
 
     Every Dense/DenseGeneral/Conv (linen) or Linear/LinearGeneral/Conv (nnx) layer selected by the
@@ -34,10 +35,14 @@ def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candida
         ImageNet: ``exclude=("conv_init", "head")`` (the stem conv and the classifier).
       backend: products backend (``"xla"``).
       chunk_size: candidates per vmapped chunk in the permutation search (None: its default).
+      search, search_iterations: permutation search of :func:`refresh`: ``"random"`` (the paper's;
+        ``num_candidates`` random permutations) or the local searches ``"stripe"``/``"swap"`` of
+        ``search_permutation`` (``search_iterations`` iterations from the current permutation).
     """
     cfg = SparseConfig(n=n, m=m, method=method, num_candidates=num_candidates,
                        refresh_every=refresh_every, decay=decay, exclude=exclude,
-                       include=include, backend=backend, chunk_size=chunk_size)
+                       include=include, backend=backend, chunk_size=chunk_size, search=search,
+                       search_iterations=search_iterations)
     if isinstance(model, nn.Module):
         return _linen.Sparse(model, cfg)
     if isinstance(model, nnx.Module):

@@ -9,6 +9,7 @@ from typing import Any
 
 from bimask_jax._checks import check_nm
 from bimask_jax.masks import METHODS
+from bimask_jax.permutation import SEARCH_METHODS
 
 # "pallas" routes Dense/DenseGeneral products to the 2:4 kernels (sparse_dense(backend="pallas"));
 # conv layers use a backend only if sparse_conv supports it (ops.BACKENDS), else "xla".
@@ -61,6 +62,9 @@ class SparseConfig:
       backend: ``"xla"`` or ``"pallas"`` (Dense/DenseGeneral products through the 2:4 Pallas
         kernels; conv layers fall back to ``"xla"`` unless ``sparse_conv`` supports the backend).
       chunk_size: candidates scored per vmapped chunk in ``search_permutation`` (None: its default).
+      search: ``search_permutation`` method: ``"random"`` (the paper's, ``num_candidates`` random
+        permutations) or a local search of :mod:`bimask_jax.permutation` (``"stripe"``, ``"swap"``,
+        ``search_iterations`` iterations from the current permutation).
     """
 
     n: int = 2
@@ -73,6 +77,8 @@ class SparseConfig:
     include: Any = None
     backend: str = "xla"
     chunk_size: int | None = None
+    search: str = "random"
+    search_iterations: int = 64
 
     def __post_init__(self):
         n, m = check_nm(self.n, self.m)
@@ -93,5 +99,10 @@ class SparseConfig:
         cs = self.chunk_size
         if cs is not None and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
             raise ValueError(f"chunk_size must be None or a Python int >= 1, got {cs!r}")
+        if self.search not in SEARCH_METHODS:
+            raise ValueError(f"search must be one of {SEARCH_METHODS}, got {self.search!r}")
+        it = self.search_iterations
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+            raise ValueError(f"search_iterations must be a Python int >= 0, got {it!r}")
         object.__setattr__(self, "exclude", _normalize_filter("exclude", self.exclude))
         object.__setattr__(self, "include", _normalize_filter("include", self.include))

@@ -97,13 +97,15 @@ def is_channels_last(dimension_numbers, ndim: int) -> bool:
 _GROUP_CHUNK_BYTES = 64 * 2**20
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, chunk_size=None):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, chunk_size=None,
+                   search: str = "random", iterations: int = 64):
     """``search_permutation`` vmapped over ``S`` same-shape layers.
 
     Args:
       keys: ``(S,)`` PRNG keys; kernels: floating ``(S, K, C)``; perms: int32 ``(S, C)`` incumbents.
       chunk_size: candidates per chunk; None: keep ``S * chunk * K * C`` bytes <= 64 MiB.
+      search, iterations: ``search_permutation``'s ``method`` and (local searches) ``iterations``.
 
     Returns:
       int32 ``(S, C)``.
@@ -113,12 +115,15 @@ def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, ch
         chunk_size = max(1, min(max(num_candidates, 1), _GROUP_CHUNK_BYTES // max(1, s * k * c)))
 
     def one(kk, w, p):
+        if search != "random":
+            return search_permutation(kk, w, n, m, init=p, method=search, iterations=iterations)
         return search_permutation(kk, w, n, m, num_candidates, init=p, chunk_size=chunk_size)
 
     return jax.vmap(one)(keys, kernels, perms).astype(jnp.int32)
 
 
-def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=None):
+def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=None,
+                   search: str = "random", iterations: int = 64):
     """One refresh of several (possibly stacked) layers: ``search_permutation`` on every kernel
     with its current permutation as incumbent. Layers whose matrices have the same ``(K, C)`` are
     searched together in one vmapped call (one compile per distinct shape).
@@ -148,7 +153,7 @@ def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=
         keys = jnp.concatenate([flat[i][0] for i in idx])
         ws = jnp.concatenate([flat[i][1] for i in idx])
         ps = jnp.concatenate([flat[i][2] for i in idx])
-        new = search_stacked(keys, ws, ps, n, m, num_candidates, chunk_size)
+        new = search_stacked(keys, ws, ps, n, m, num_candidates, chunk_size, search, iterations)
         start = 0
         for i in idx:
             size = flat[i][2].shape[0]

@@ -99,7 +99,7 @@ def _refresh_arrays(key, ents, cfg: SparseConfig):
     """
     searched = [e for e in ents if e["method"] == "bimask"]
     new = refresh_layers(key, [(e["kernel"], e["perm"]) for e in searched], cfg.n, cfg.m,
-                         cfg.num_candidates, cfg.chunk_size)
+                         cfg.num_candidates, cfg.chunk_size, cfg.search, cfg.search_iterations)
     perms = {e["path"]: p for e, p in zip(searched, new, strict=True)}
     return {e["path"]: (perms.get(e["path"], e["perm"]), e["refreshes"] + 1) for e in ents}
 
