@@ -353,11 +353,28 @@ class _EvalLoader:
 # --------------------------------------------------------------------------------------------
 
 
-def elements(dataset: ImageFolder | ArrayDataset) -> list:
-    """The ``(image or path, label)`` pairs a transform consumes."""
+class PairSource:
+    """Random-access ``(image or path, label)`` pairs over two aligned sequences (``images``: a
+    uint8 array (N, H, W, C) or a tuple of paths; ``labels``: int (N,)). Pickles as two arrays,
+    which is what grain's worker processes receive."""
+
+    def __init__(self, images, labels):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def elements(dataset: ImageFolder | ArrayDataset) -> PairSource:
+    """The ``(image or path, label)`` source a transform consumes."""
     if isinstance(dataset, ImageFolder):
-        return list(zip(dataset.paths, dataset.labels.tolist(), strict=True))
-    return list(zip(dataset.images, dataset.labels.tolist(), strict=True))
+        return PairSource(dataset.paths, dataset.labels)
+    return PairSource(dataset.images, dataset.labels)
 
 
 def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:

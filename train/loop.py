@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +53,8 @@ class DataSpec:
     (per channel, on the 0..1 scale) normalise on the device.
     """
 
-    train_source: list
-    eval_source: list
+    train_source: Sequence
+    eval_source: Sequence
     train_transform: Callable
     eval_transform: Callable
     num_classes: int
