@@ -8,6 +8,8 @@ other processes hits them alike) of:
 * ``identity``: no search;
 * ``random-100`` (the paper) and ``random-1000``: ``search_permutation(method="random")``;
 * ``stripe-B``: ``search_permutation(method="stripe", iterations=B)``;
+* ``stripe-B-kickK``: the same with ``kick=K`` (optional, ``--stripe-kick-iterations``,
+  ``--kick``);
 * ``swap-B``: ``search_permutation(method="swap", iterations=B)`` (optional, ``--swap``).
 
 Per layer group it reports the retained fraction ``sum score / sum forward-kept``, the efficacy
@@ -134,16 +136,19 @@ def make_methods(n, m, args):
     def random_fn(count):
         return jax.jit(lambda k, w, f: bj.search_permutation(k, w, n, m, count, fwd=f))
 
-    def local_fn(method, iters):
+    def local_fn(method, iters, kick=0):
         return jax.jit(
             lambda k, w, f: bj.search_permutation(
-                k, w, n, m, fwd=f, method=method, iterations=iters
+                k, w, n, m, fwd=f, method=method, iterations=iters, kick=kick
             )
         )
 
     methods = {"random-100": (random_fn(100), args.repeats)}
     for it in args.stripe_iterations:
         methods[f"stripe-{it}"] = (local_fn("stripe", it), args.repeats)
+    for it in args.stripe_kick_iterations:
+        for kick in args.kick:
+            methods[f"stripe-{it}-kick{kick}"] = (local_fn("stripe", it, kick), args.repeats)
     for it in args.swap:
         methods[f"swap-{it}"] = (local_fn("swap", it), args.repeats)
     methods["random-1000"] = (random_fn(1000), args.repeats_1000)
@@ -197,6 +202,9 @@ def main(argv=None):
     p.add_argument("--m", type=int, default=4)
     p.add_argument("--stripe-iterations", type=int, nargs="+", default=[100])
     p.add_argument("--swap", type=int, nargs="*", default=[], help="swap iteration budgets")
+    p.add_argument("--stripe-kick-iterations", type=int, nargs="*", default=[],
+                   help="stripe budgets to also run with kicks (see --kick)")
+    p.add_argument("--kick", type=int, nargs="*", default=[8], help="kick sizes for those")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--repeats-1000", type=int, default=1)
     p.add_argument("--deit-blocks", type=int, default=12)

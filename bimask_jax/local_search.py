@@ -15,15 +15,19 @@ Two searches improve an incumbent partition, both jit-compiled loops with no Pyt
   :func:`swap_gains`), then applies the best improving exchanges of a set of disjoint group pairs
   (one exchange per group, so the gains add up exactly). Works for any ``m``; costs
   ``O(C^2 K)`` per iteration.
-* :func:`stripe_search`: every iteration pairs the groups at random and replaces the columns of each
-  pair of groups by the best of all ``C(2m-1, m-1)`` ways to split those ``2m`` columns into two
-  groups (35 for ``m = 4``), scored by a per-pair histogram of the ``2^(2m)`` row patterns times a
-  lookup table. Costs ``O(C K)`` per iteration; needs ``m <= 6`` (table size).
+* :func:`stripe_search`: every iteration pairs the groups (one round of a round-robin
+  tournament, so ``G - 1`` iterations (``G`` for odd ``G``) meet every pair of groups once) and
+  replaces the columns of each pair of groups by the best of all ``C(2m-1, m-1)`` ways to split
+  those ``2m`` columns into two groups (35 for ``m = 4``), scored by a per-pair histogram of the
+  ``2^(2m)`` row patterns times a lookup table. Costs ``O(C K)`` per iteration; needs ``m <= 6``
+  (table size).
 
-Both never lower the score (a move is taken only when it strictly improves its groups), return the
-incumbent unchanged for ``iterations == 0``, and can escape a local optimum with random kicks: after
-``patience`` iterations without improvement, ``kick`` random positions are rotated and the search
-continues from there; the best partition seen is returned.
+Both never lower the score (a move is taken only when it strictly improves its groups) and return
+the incumbent unchanged for ``iterations == 0``. ``iterations`` is an upper bound: a search stops
+early at a proven local optimum (swap: no improving exchange; stripe: a full round-robin cycle
+without gain, i.e. no pair of groups can be re-split better). With ``kick >= 2`` it instead rotates
+``kick`` random positions there and goes on (iterated local search), returning the best partition
+seen.
 """
 
 from __future__ import annotations
@@ -163,16 +167,32 @@ def _split_table(n: int, m: int) -> np.ndarray:
     return (np.minimum(first, n) + np.minimum(total - first, n)).astype(np.float32)
 
 
-def _stripe_step(ft, perm, key, n: int, m: int):
-    """One stripe iteration: random pairs of groups, each re-split optimally.
-    Returns ``(new_perm, score gain)``."""
+def _round_robin_pairs(labels, r):
+    """Round ``r`` of the circle-method round-robin on ``labels`` (int ``(L,)``, ``L`` even):
+    ``(L/2, 2)`` pairs ``(labels[s[j]], labels[s[L-1-j]])`` for ``j < L/2``, where slot order
+    ``s = [0, 1 + (r % (L-1)), 1 + ((r+1) % (L-1)), ...]`` keeps slot 0 fixed and rotates the
+    rest. Any ``L - 1`` consecutive rounds meet every pair of labels exactly once."""
+    size = labels.shape[0]
+    rest = (jnp.arange(size - 1) + r) % (size - 1) + 1
+    slots = jnp.concatenate([jnp.zeros((1,), rest.dtype), rest])
+    return jnp.stack([labels[slots[: size // 2]], labels[slots[::-1][: size // 2]]], axis=1)
+
+
+def _stripe_step(ft, perm, labels, r, n: int, m: int):
+    """One stripe iteration: round ``r`` of the pairing, each pair of groups re-split optimally.
+
+    ``labels``: int ``(G + G % 2,)``, a permutation of the group ids plus, for odd ``G``, a dummy id
+    ``G`` whose partner sits out. Returns ``(new_perm, score gain)``."""
     c, k = ft.shape
     g = c // m
     npair = g // 2
     if npair == 0:
         return perm, jnp.int32(0)
+    pairs = _round_robin_pairs(labels, r)
+    if g % 2:  # drop the pair holding the dummy id
+        real = jnp.argsort(jnp.any(pairs >= g, axis=1), stable=True)[:npair]
+        pairs = pairs[real]
     groups = perm.reshape(g, m)
-    pairs = jax.random.permutation(key, g)[: 2 * npair].reshape(npair, 2)
     cols = groups[pairs].reshape(npair, 2 * m)
     x = jnp.take(ft, cols, axis=0).astype(jnp.int32)  # (P, 2m, K)
     code = jnp.sum(x << jnp.arange(2 * m, dtype=jnp.int32)[None, :, None], axis=1)  # (P, K)
@@ -195,49 +215,56 @@ def _kick(perm, key, size: int):
     return perm.at[pos].set(perm[jnp.roll(pos, 1)])
 
 
-def _iterate(step, ft, init, key, n: int, m: int, iterations: int, patience: int, kick: int):
-    """Shared loop: ``step(ft, perm, key) -> (perm, gain)`` for ``iterations`` iterations, with a
-    kick after ``patience`` iterations without gain (0: never); returns the best perm seen."""
+def _iterate(step, ft, init, key, n: int, m: int, iterations: int, cycle: int, kick: int):
+    """Shared loop. ``step(ft, perm, i) -> (perm, gain)``; ``cycle`` consecutive iterations without
+    gain prove a local optimum, where the loop stops (``kick < 2``) or rotates ``kick`` random
+    positions (key ``fold_in(key, i)``) and goes on. At most ``iterations`` iterations; returns the
+    best permutation seen."""
     if iterations == 0:
         return init
     score0 = partition_score(ft, init, n, m)
+    kicks = kick >= 2
 
-    def body(i, state):
-        cur, cur_s, best, best_s, stall = state
-        kk = jax.random.fold_in(key, i)
-        cur, gain = step(ft, cur, kk)
+    def cond(state):
+        i, _, _, _, _, _, done = state
+        return (i < iterations) & ~done
+
+    def body(state):
+        i, cur, cur_s, best, best_s, stall, _ = state
+        cur, gain = step(ft, cur, i)
         cur_s = cur_s + gain
         stall = jnp.where(gain > 0, 0, stall + 1)
-        better = cur_s > best_s
-        best = jnp.where(better, cur, best)
+        best = jnp.where(cur_s > best_s, cur, best)
         best_s = jnp.maximum(cur_s, best_s)
-        if patience > 0 and kick > 1:
+        converged = stall >= cycle
+        if kicks:
 
             def do_kick(_):
-                p = _kick(cur, jax.random.fold_in(kk, 1), kick)
+                p = _kick(cur, jax.random.fold_in(key, i), kick)
                 return p, partition_score(ft, p, n, m), jnp.int32(0)
 
             cur, cur_s, stall = jax.lax.cond(
-                stall >= patience, do_kick, lambda _: (cur, cur_s, stall), None
+                converged, do_kick, lambda _: (cur, cur_s, stall), None
             )
-        return cur, cur_s, best, best_s, stall
+            converged = jnp.array(False)
+        return i + 1, cur, cur_s, best, best_s, stall, converged
 
-    state = (init, score0, init, score0, jnp.int32(0))
-    _, _, best, _, _ = jax.lax.fori_loop(0, iterations, body, state)
-    return best
+    state = (jnp.int32(0), init, score0, init, score0, jnp.int32(0), jnp.array(False))
+    return jax.lax.while_loop(cond, body, state)[3]
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "iterations", "patience", "kick"))
-def swap_search(ft, init, key, *, n: int, m: int, iterations: int, patience: int = 0, kick: int = 0):
+@functools.partial(jax.jit, static_argnames=("n", "m", "iterations", "kick"))
+def swap_search(ft, init, key, *, n: int, m: int, iterations: int, kick: int = 0):
     """Best-improvement exchange search from ``init`` (see the module docstring).
 
     Args:
       ft: ``(C, K)`` int8/bool transposed forward mask; ``C % m == 0``.
       init: int32 ``(C,)`` incumbent permutation.
       key: PRNG key (used only by kicks).
-      n, m: the N:M ratio. iterations: number of gain-matrix evaluations (>= 0).
-      patience, kick: after ``patience`` iterations without gain rotate ``kick`` random positions
-        (``patience=0`` or ``kick < 2``: no kicks).
+      n, m: the N:M ratio.
+      iterations: at most this many gain-matrix evaluations (>= 0); stops at the first one without
+        an improving exchange unless ``kick >= 2``.
+      kick: at a local optimum rotate ``kick`` random positions and go on (``< 2``: stop there).
 
     Returns:
       int32 ``(C,)``, scoring ``>=`` ``init``.
@@ -246,30 +273,35 @@ def swap_search(ft, init, key, *, n: int, m: int, iterations: int, patience: int
     def step(ft_, perm, _):
         return _swap_step(ft_, perm, n, m)
 
-    return _iterate(step, ft, init, key, n, m, iterations, patience, kick)
+    return _iterate(step, ft, init, key, n, m, iterations, 1, kick)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "iterations", "patience", "kick"))
-def stripe_search(
-    ft, init, key, *, n: int, m: int, iterations: int, patience: int = 0, kick: int = 0
-):
-    """Random-pairing stripe-group search from ``init`` (see the module docstring).
+@functools.partial(jax.jit, static_argnames=("n", "m", "iterations", "kick"))
+def stripe_search(ft, init, key, *, n: int, m: int, iterations: int, kick: int = 0):
+    """Round-robin stripe-group search from ``init`` (see the module docstring).
 
     Args:
       ft: ``(C, K)`` int8/bool transposed forward mask; ``C % m == 0``, ``m <= STRIPE_MAX_M``.
       init: int32 ``(C,)`` incumbent permutation.
-      key: PRNG key. Iteration ``i`` pairs the groups as consecutive entries of
-        ``jax.random.permutation(jax.random.fold_in(key, i), G)`` (with an odd ``G`` the last one
-        sits out); a kick in iteration ``i`` uses ``fold_in(fold_in(key, i), 1)``.
-      n, m: the N:M ratio. iterations: number of pairings (>= 0); each costs about one gather of
-        the ``(C, K)`` mask plus a histogram of ``C K / (2m)`` entries.
-      patience, kick: as in :func:`swap_search`.
+      key: PRNG key, split into ``(label_key, kick_key)``. The round-robin runs over the labels
+        ``jax.random.permutation(label_key, G + G % 2)`` (label ``G``, for odd ``G``, is a dummy
+        whose partner sits out); iteration ``i`` plays round ``i`` of the circle method (see
+        ``_round_robin_pairs``). A kick in iteration ``i`` uses ``fold_in(kick_key, i)``.
+      n, m: the N:M ratio.
+      iterations: at most this many rounds (>= 0); each costs about one gather of the ``(C, K)``
+        mask plus a histogram of ``C K / (2m)`` entries. Stops after a full cycle of
+        ``G + G % 2 - 1`` rounds without gain unless ``kick >= 2``.
+      kick: as in :func:`swap_search`.
 
     Returns:
       int32 ``(C,)``, scoring ``>=`` ``init``.
     """
+    g = init.shape[0] // m
+    size = g + g % 2
+    label_key, kick_key = jax.random.split(key)
+    labels = jax.random.permutation(label_key, size)
 
-    def step(ft_, perm, kk):
-        return _stripe_step(ft_, perm, kk, n, m)
+    def step(ft_, perm, i):
+        return _stripe_step(ft_, perm, labels, i, n, m)
 
-    return _iterate(step, ft, init, key, n, m, iterations, patience, kick)
+    return _iterate(step, ft, init, kick_key, n, m, iterations, max(size - 1, 1), kick)

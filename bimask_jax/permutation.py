@@ -116,7 +116,6 @@ def search_permutation(
     chunk_size: int | None = None,
     method: str = "random",
     iterations: int = 100,
-    patience: int = 0,
     kick: int = 0,
 ):
     """Searches the output-column permutation of the backward mask, starting from an incumbent.
@@ -134,14 +133,15 @@ def search_permutation(
     ``method="stripe"`` and ``method="swap"`` are local searches from the incumbent
     (``bimask_jax.local_search``), ``iterations`` iterations each, jit-compiled:
 
-    * ``"stripe"``: each iteration pairs the ``C/m`` groups at random and re-splits the ``2m``
-      columns of every pair optimally (all ``C(2m-1, m-1)`` splits). ``O(C K)`` per iteration;
-      needs ``m <= 6``.
+    * ``"stripe"``: each iteration pairs the ``C/m`` groups (a round of a round-robin) and re-splits
+      the ``2m`` columns of every pair optimally (all ``C(2m-1, m-1)`` splits). ``O(C K)`` per
+      iteration; needs ``m <= 6``.
     * ``"swap"``: each iteration computes the gain of every cross-group exchange of two columns
       (a ``(C, C)`` matrix, ``O(C^2 K)``) and applies the best exchanges of disjoint group pairs.
 
-    With ``patience > 0`` and ``kick >= 2``, after ``patience`` iterations without gain, ``kick``
-    random positions are rotated and the search goes on (the best permutation seen is returned).
+    ``iterations`` is an upper bound: both stop early at a proven local optimum (no improving
+    exchange / a full round-robin cycle without gain), unless ``kick >= 2``: then ``kick`` random
+    positions are rotated there and the search goes on (the best permutation seen is returned).
 
     Every method returns a permutation that scores at least as high as ``init``, and ``init``
     itself when the budget (``num_candidates`` / ``iterations``) is 0.
@@ -156,8 +156,9 @@ def search_permutation(
       chunk_size: ``"random"`` only: candidates per vmapped chunk (Python int >= 1); default from
         the 64 MiB budget.
       method: ``"random"`` (default), ``"stripe"`` or ``"swap"``.
-      iterations: ``"stripe"``/``"swap"`` only: number of iterations (Python int >= 0).
-      patience, kick: ``"stripe"``/``"swap"`` only: random kicks (Python ints >= 0; 0: none).
+      iterations: ``"stripe"``/``"swap"`` only: at most this many iterations (Python int >= 0).
+      kick: ``"stripe"``/``"swap"`` only: positions rotated at a local optimum (Python int >= 0;
+        0 or 1: stop there instead).
 
     Returns:
       int32 ``(C,)``, the best permutation found.
@@ -173,7 +174,7 @@ def search_permutation(
         check_perm(init, c, "init")
         init = jnp.asarray(init, jnp.int32)
     if method != "random":
-        return _local_search(key, kernel, fwd, init, n, m, method, iterations, patience, kick)
+        return _local_search(key, kernel, fwd, init, n, m, method, iterations, kick)
     _check_count("num_candidates", num_candidates, 0)
     if num_candidates == 0:
         return init
@@ -197,12 +198,11 @@ def search_permutation(
     return jnp.where(scores[best] > incumbent, draw(keys[best]), init)
 
 
-def _local_search(key, kernel, fwd, init, n, m, method, iterations, patience, kick):
+def _local_search(key, kernel, fwd, init, n, m, method, iterations, kick):
     """``search_permutation`` for ``method`` in ("stripe", "swap"); arguments already checked
     except the local-search ones."""
     c = kernel.shape[-1]
     _check_count("iterations", iterations, 0)
-    _check_count("patience", patience, 0)
     _check_count("kick", kick, 0)
     if kick > c:
         raise ValueError(f"kick must be <= the number of output columns C={c}, got {kick}")
@@ -217,8 +217,6 @@ def _local_search(key, kernel, fwd, init, n, m, method, iterations, patience, ki
         fwd = forward_mask(kernel, n, m)
     ft = _kept_by_column(fwd, c)
     search = stripe_search if method == "stripe" else swap_search
-    best = search(
-        ft, init, key, n=n, m=m, iterations=iterations, patience=patience, kick=kick
-    )
+    best = search(ft, init, key, n=n, m=m, iterations=iterations, kick=kick)
     # The searches never lower the score; this guard makes that independent of their bookkeeping.
     return jnp.where(_score_columns(ft, best, n, m) >= _score_columns(ft, init, n, m), best, init)

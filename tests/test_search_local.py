@@ -115,11 +115,31 @@ def test_stripe_one_iteration_equals_exhaustive_pair_splits(n, m):
             n=n, m=m, iterations=1,
         )
     )
-    # Documented pairing of iteration i: jax.random.permutation(fold_in(key, i), G), consecutive.
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), c // m))
-    pairs = order[: 2 * (len(order) // 2)].reshape(-1, 2)
+    # Documented pairing of iteration 0: the circle method on a random labelling of the G groups
+    # plus a dummy (odd G), slot 0 fixed: pairs (labels[j], labels[L - 1 - j]).
+    g = c // m
+    labels = np.asarray(jax.random.permutation(jax.random.split(key)[0], g + g % 2))
+    pairs = [(labels[j], labels[len(labels) - 1 - j]) for j in range(len(labels) // 2)]
+    pairs = [(a, b) for a, b in pairs if a < g and b < g]
     np.testing.assert_array_equal(got, _np_best_splits(f2, init, pairs, n, m))
     assert _np_score(f2, got, n, m) >= _np_score(f2, init, n, m)
+
+
+@pytest.mark.parametrize("n,m,c", [(2, 4, 28), (1, 4, 24), (1, 2, 10)])
+def test_stripe_stops_at_a_pairwise_local_optimum(n, m, c):
+    f2 = np.random.default_rng(c).random((30, c)) < 0.5
+    ft = jnp.asarray(f2.T, jnp.int8)
+    init = jnp.asarray(np.random.default_rng(1).permutation(c), jnp.int32)
+    key = jax.random.key(4)
+    got = np.asarray(ls.stripe_search(ft, init, key, n=n, m=m, iterations=500))
+    assert _np_score(f2, got, n, m) > _np_score(f2, np.asarray(init), n, m)
+    # No pair of groups can be re-split better (checked exhaustively, pair by pair).
+    s = _np_score(f2, got, n, m)
+    for pair in itertools.combinations(range(c // m), 2):
+        assert _np_score(f2, _np_best_splits(f2, got, [pair], n, m), n, m) == s
+    # It stopped there: a larger budget gives the same result.
+    again = ls.stripe_search(ft, init, key, n=n, m=m, iterations=5000)
+    np.testing.assert_array_equal(again, got)
 
 
 @pytest.mark.parametrize(
@@ -157,7 +177,7 @@ def test_kicks_keep_the_best_and_a_permutation(method):
     got = np.asarray(
         bj.search_permutation(
             jax.random.key(3), k, 2, 4, method=method, iterations=30, init=init,
-            patience=1, kick=6,
+            kick=6,
         )
     )
     assert sorted(got.tolist()) == list(range(32))
