@@ -145,6 +145,15 @@ def test_resume_equals_unbroken_run(tree, tmp_path):
     lf = [x["loss"] for x in _lines(str(tmp_path / "full")) if x["type"] == "train"]
     lp = [x["loss"] for x in _lines(part) if x["type"] == "train"]
     assert lp == lf
+    # Stopped exactly at an epoch end: that epoch is still evaluated and checkpointed.
+    edge = str(tmp_path / "edge")
+    first = cifar.main(args + ["--job_dir", edge, "--stop-after-steps", "3"])
+    assert first["stopped_early"] and first["epochs_done"] == 1 and first["final_top1"] is not None
+    resumed = cifar.main(args + ["--job_dir", edge, "--resume"])
+    _leaves_equal(full["state"], resumed["state"])
+    assert [x["type"] for x in _lines(edge)].count("eval") == 2
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        cifar.main(args + ["--job_dir", edge])
     with pytest.raises(ValueError, match="no checkpoint"):
         cifar.main(args + ["--job_dir", str(tmp_path / "empty"), "--resume"])
 

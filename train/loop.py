@@ -521,7 +521,7 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
             data.train_source, data.train_transform, global_batch=cfg.batch_size, seed=cfg.seed,
             epoch=epoch, start_batch=batch_in_epoch, process_index=pidx, process_count=nproc,
             workers=cfg.workers, prefetch=cfg.prefetch)
-        acc_m, t_log, n_log = None, time.time(), 0
+        acc_m, t_log, n_log, step = None, time.time(), 0, batch_in_epoch
         for b, local in enumerate(batches, start=batch_in_epoch):
             state, metrics = train_step(state, _global_batch(local, rows_sh))
             acc_m = metrics if acc_m is None else jax.tree.map(jnp.add, acc_m, metrics)
@@ -540,14 +540,14 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
                 acc_m, t_log, n_log = None, time.time(), 0
             global_step = epoch * spe + step
             if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
-                ep, nb = (epoch + 1, 0) if step == spe else (epoch, step)
-                ckpt.save(global_step, state, meta_of(ep, nb))
-                log.print(f"stopping after step {global_step} (--stop-after-steps); checkpoint saved")
                 stopped = True
+                log.print(f"stopping after step {global_step} (--stop-after-steps)")
+                if step < spe:  # mid-epoch: checkpoint here (at an epoch end: eval + save below)
+                    ckpt.save(global_step, state, meta_of(epoch, step))
                 break
             if cfg.ckpt_every_steps and global_step % cfg.ckpt_every_steps == 0 and step < spe:
                 ckpt.save(global_step, state, meta_of(epoch, step))
-        if stopped:
+        if stopped and step < spe:
             break
         epoch, batch_in_epoch = epoch + 1, 0
         is_best = False
