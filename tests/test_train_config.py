@@ -45,3 +45,16 @@ def test_recipe_errors():
         _parse("cifar", ["--batch-size", "0"])
     with pytest.raises(SystemExit):
         build_parser("cifar").parse_args(["--method", "magic"])
+
+
+def test_scripts_run_as_files_from_the_repo_root():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script, needle in (("train/cifar.py", "--greedy_num"), ("train/imagenet.py", "--mixup")):
+        res = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert needle in res.stdout and "--job_dir" in res.stdout
