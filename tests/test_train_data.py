@@ -182,3 +182,34 @@ def test_padded_crop_equals_pad_then_slice():
         for left in range(-8, 9):
             ref = np.pad(img, ((8, 8), (8, 8), (0, 0)))[top + 8:top + 8 + 5, left + 8:left + 8 + 5]
             np.testing.assert_array_equal(D.padded_crop(img, top, left, 5), ref)
+
+
+def test_repeated_augmentation_reads_each_example_repeats_times_with_own_augmentation():
+    imgs = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1) * np.ones((1, 4, 4, 3), np.uint8)
+    src = D.PairSource(imgs, np.arange(12))
+    tf = D.SmallImage(4, 3, padding=2, flip=True)
+    bs = list(D.train_batches(src, tf, global_batch=6, seed=0, epoch=0, repeats=3))
+    labels = np.concatenate([b["label"] for b in bs])
+    assert len(labels) == 12 and sorted(np.bincount(labels)[np.bincount(labels) > 0]) == [3] * 4
+    assert all((labels[i] == labels[i + 1] == labels[i + 2]) for i in range(0, 12, 3))
+    images = np.concatenate([b["image"] for b in bs])
+    # Copies of one example differ in their (random) crop of the zero-padded image.
+    assert any(not np.array_equal(images[i], images[i + 1]) for i in range(0, 12, 3))
+    again = np.concatenate([b["label"] for b in D.train_batches(src, tf, global_batch=6, seed=0,
+                                                                 epoch=0, repeats=3)])
+    np.testing.assert_array_equal(labels, again)
+
+
+def test_random_erase_box_rule():
+    img = np.full((20, 30, 3), 7, np.uint8)
+    for seed in range(20):
+        out = D.random_erase(img, np.random.default_rng(seed), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+        changed = np.argwhere((out != 7).any(-1))
+        if len(changed) == 0:
+            continue
+        (r0, c0), (r1, c1) = changed.min(0), changed.max(0)
+        area = (r1 - r0 + 1) * (c1 - c0 + 1)
+        assert 0.02 * 600 * 0.5 <= area <= 600 / 3 * 1.5 and r1 - r0 + 1 < 20 and c1 - c0 + 1 < 30
+        # Inside the box: noise around 255 * 0.5 (values 7 only by chance).
+        assert abs(out[r0:r1 + 1, c0:c1 + 1].mean() - 127.5) < 25
+    np.testing.assert_array_equal(img, 7)  # input untouched

@@ -13,17 +13,17 @@ import argparse
 CIFAR_RECIPE = dict(
     epochs=300, batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
     weight_decay=1e-3, label_smoothing=0.1, warmup_epochs=0, warmup_lr=0.0, min_lr=0.0,
-    lr_schedule="cosine_epoch", mixup=0.0, cutmix=0.0, drop_path=0.0,
+    lr_schedule="cosine_epoch", mixup=0.0, cutmix=0.0, drop_path=0.0, repeated_aug=1,
 )
 RESNET_RECIPE = dict(
     epochs=120, batch_size=256, optimizer="sgd", lr_per_256=0.1, momentum=0.9, nesterov=False,
     weight_decay=1e-4, label_smoothing=0.1, warmup_epochs=5, warmup_lr=0.0, min_lr=0.0,
-    lr_schedule="cosine_step", mixup=0.0, cutmix=0.0, drop_path=0.0,
+    lr_schedule="cosine_step", mixup=0.0, cutmix=0.0, drop_path=0.0, repeated_aug=1, reprob=0.0,
 )
 DEIT_RECIPE = dict(
     epochs=300, batch_size=1024, optimizer="adamw", lr_per_512=5e-4, momentum=0.9, nesterov=False,
     weight_decay=0.05, label_smoothing=0.1, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
-    lr_schedule="cosine_step", mixup=0.8, cutmix=1.0, drop_path=0.1,
+    lr_schedule="cosine_step", mixup=0.8, cutmix=1.0, drop_path=0.1, repeated_aug=3, reprob=0.25,
 )
 
 
@@ -107,6 +107,11 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
     g.add_argument("--drop-path", type=float, default=None, help="DeiT stochastic depth rate")
     g.add_argument("--clip-grad", type=float, default=0.0, help="global-norm clip (0: off)")
+    g.add_argument("--repeated-aug", type=int, default=None,
+                   help="repeated augmentation: copies of each example per epoch (1: off)")
+    if script == "imagenet":
+        g.add_argument("--reprob", type=float, default=None,
+                       help="random erasing probability (timm, pixel mode)")
 
     g = p.add_argument_group("N:M sparsity")
     g.add_argument("--method", default="bimask", choices=["dense", "srste", "transposable", "bimask"])
@@ -162,7 +167,7 @@ def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
         raise ValueError(f"unknown model family {family!r}")
     per256, per512 = recipe.pop("lr_per_256", None), recipe.pop("lr_per_512", None)
     for key, value in recipe.items():
-        if getattr(cfg, key, None) is None:
+        if key in vars(cfg) and getattr(cfg, key) is None:
             setattr(cfg, key, value)
     if cfg.lr is None:
         cfg.lr = per256 * cfg.batch_size / 256 if per256 else per512 * cfg.batch_size / 512

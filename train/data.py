@@ -222,16 +222,41 @@ def _draft(img: Image.Image, box_w: float, box_h: float, size: int):
     return img.size[0] / w0, img.size[1] / h0
 
 
+def random_erase(arr: np.ndarray, rng: np.random.Generator, mean, std, *,
+                 area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> np.ndarray:
+    """timm's RandomErasing (mode "pixel", one box): up to 10 tries for a box of area fraction in
+    ``area`` and log-uniform aspect ratio in ``ratio`` that fits strictly inside; its pixels become
+    per-pixel normal noise in normalised space, ``255 * (mean + std * N(0, 1))`` clipped to uint8.
+    ``arr``: uint8 (H, W, C); returns a new array (unchanged copy if no box fits)."""
+    h, w, c = arr.shape
+    out = arr.copy()
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target = rng.uniform(*area) * h * w
+        aspect = np.exp(rng.uniform(*log_ratio))
+        eh, ew = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if ew < w and eh < h:
+            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            noise = np.asarray(mean) + np.asarray(std) * rng.standard_normal((eh, ew, c))
+            out[top:top + eh, left:left + ew] = np.clip(np.round(noise * 255), 0, 255)
+            break
+    return out
+
+
 @dataclass(frozen=True)
 class DecodeTrain:
     """Decode a file element and apply the ImageNet training crop: RandomResizedCrop to ``size``
-    (bilinear, antialiased) and a horizontal flip with probability 1/2. Corrupt files: raise
+    (bilinear, antialiased), a horizontal flip with probability 1/2, and with probability
+    ``erase_prob`` :func:`random_erase` (``mean``/``std``: the normalisation). Corrupt files: raise
     (``on_corrupt="fail"``) or return zeros with ``valid=False`` (``"skip"``)."""
 
     size: int
     channels: int = 3
     on_corrupt: str = "fail"
     scale: tuple[float, float] = (0.08, 1.0)
+    erase_prob: float = 0.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def __call__(self, element, rng: np.random.Generator):
         path, label = element
@@ -247,6 +272,8 @@ class DecodeTrain:
             return _corrupt(path, e, self.on_corrupt, self.size, self.channels, label)
         if rng.random() < 0.5:
             arr = arr[:, ::-1]
+        if self.erase_prob and rng.random() < self.erase_prob:
+            arr = random_erase(arr, rng, self.mean, self.std)
         return {"image": np.ascontiguousarray(arr), "label": np.int32(label), "valid": np.bool_(True)}
 
 
@@ -421,6 +448,7 @@ def train_batches(
     process_count: int = 1,
     workers: int = 0,
     prefetch: int = 2,
+    repeats: int = 1,
 ) -> Iterator[dict]:
     """This host's batches of ``epoch`` from batch ``start_batch`` on.
 
@@ -428,7 +456,13 @@ def train_batches(
     The epoch's shuffled order is cut to ``steps_per_epoch * global_batch`` elements and strided
     over hosts, so host ``p`` gets rows ``p::process_count`` of every global batch; each yielded
     dict holds ``global_batch // process_count`` rows.
+
+    ``repeats`` > 1: repeated augmentation (DeiT): the epoch reads the first ``ceil(N/repeats)``
+    examples of its shuffled order, each ``repeats`` times in a row (so the copies share a global
+    batch), each copy with its own augmentation; the epoch length stays N.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by process_count={process_count}")
     steps = steps_per_epoch(len(source), global_batch)
@@ -436,13 +470,31 @@ def train_batches(
         raise ValueError(f"the training set has {len(source)} examples, fewer than one batch "
                          f"of {global_batch}")
     shuffle_seed, aug_seed = epoch_seeds(seed, epoch)
-    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+    if repeats == 1:
+        ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+    else:
+        n = len(source)
+        order = np.random.default_rng(shuffle_seed).permutation(n)[: -(-n // repeats)]
+        ds = grain.MapDataset.source(Gather(source, np.repeat(order, repeats)[:n]))
     # Augment before striding over hosts: element i's augmentation depends on its global
     # position only, so a host's rows equal the matching rows of a single-host run.
     ds = ds[: steps * global_batch].random_map(transform, seed=aug_seed)
     ds = ds[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True)[start_batch:]
     return _iterate(ds, workers, prefetch)
+
+
+class Gather:
+    """``source[indices[i]]`` for i < len(indices) (a picklable random-access view)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
 
 
 class _PadTo:

@@ -520,7 +520,7 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
         batches = data_lib.train_batches(
             data.train_source, data.train_transform, global_batch=cfg.batch_size, seed=cfg.seed,
             epoch=epoch, start_batch=batch_in_epoch, process_index=pidx, process_count=nproc,
-            workers=cfg.workers, prefetch=cfg.prefetch)
+            workers=cfg.workers, prefetch=cfg.prefetch, repeats=cfg.repeated_aug)
         acc_m, t_log, n_log, step = None, time.time(), 0, batch_in_epoch
         for b, local in enumerate(batches, start=batch_in_epoch):
             state, metrics = train_step(state, _global_batch(local, rows_sh))
