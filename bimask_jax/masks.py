@@ -124,6 +124,33 @@ def inverse_permutation(perm):
     return jnp.zeros((c,), jnp.int32).at[perm].set(jnp.arange(c, dtype=jnp.int32))
 
 
+def _take_columns(a, idx):
+    """``a[:, idx]`` for a 2-D ``a``, as a gather whose output keeps ``a``'s row-major layout."""
+    return jnp.take_along_axis(a, jnp.broadcast_to(idx[None, :], a.shape), axis=1, mode="clip")
+
+
+def _materialize(x, token):
+    """``x``, computed into a buffer of its own on XLA:CPU.
+
+    XLA:CPU fuses a column gather into the loop that consumes it and then redoes the gather for
+    every read; the ranking reads each gathered entry m times, and the result is gathered again,
+    which made the backward mask ~3x slower than gather + rank + gather as separate loops
+    (``benchmarks/masks.py``). Optimization barriers are stripped before fusion on CPU, so the
+    value is routed through a ``while_loop`` whose trip count ``token`` is 0 for valid input but
+    unknown to the compiler. On other platforms this is the identity (a GPU while loop would sync
+    with the host).
+    """
+
+    def through_loop(x, token):
+        def body(state):
+            i, v = state
+            return i + 1, (~v if v.dtype == jnp.bool_ else v + v)
+
+        return jax.lax.while_loop(lambda s: s[0] < token, body, (jnp.int32(0), x))[1]
+
+    return jax.lax.platform_dependent(x, token, cpu=through_loop, default=lambda x, _: x)
+
+
 def _backward_mask_2d(w2, f2, perm, n: int, m: int):
     k, c = w2.shape
     g = c // m
@@ -131,11 +158,12 @@ def _backward_mask_2d(w2, f2, perm, n: int, m: int):
     # members of every group are then m slabs of shape (k, g), ranked element-wise (no minor-axis
     # shuffles), and one inverse gather maps the result back.
     order = perm.reshape(g, m).T.reshape(c)
+    token = (perm[0] < 0).astype(jnp.int32)  # 0 for a valid permutation; opaque to XLA
     # Rank key: forward-kept entries by |w| (NaN as +inf); forward-dropped entries below all of them.
-    key = jnp.take(jnp.where(f2, _magnitude(w2), -1.0), order, axis=1)
-    key = key.reshape(k, m, g)
+    key = jax.lax.stop_gradient(jnp.where(f2, _magnitude(w2), -1.0))
+    key = _materialize(_take_columns(key, order), token).reshape(k, m, g)
     keep = (_topn_along(key, n, axis=1) & (key >= 0)).reshape(k, c)
-    return jnp.take(keep, inverse_permutation(order), axis=1)
+    return _take_columns(_materialize(keep, token), inverse_permutation(order))
 
 
 def backward_mask(kernel, fwd, perm, n: int, m: int):
