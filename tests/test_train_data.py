@@ -213,3 +213,37 @@ def test_random_erase_box_rule():
         # Inside the box: noise around 255 * 0.5 (values 7 only by chance).
         assert abs(out[r0:r1 + 1, c0:c1 + 1].mean() - 127.5) < 25
     np.testing.assert_array_equal(img, 7)  # input untouched
+
+
+def test_randaug_pixel_ops_follow_their_numpy_rules():
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    rng = np.random.default_rng(0)
+    op = lambda name, level: np.asarray(D.randaug_op(img, name, level, rng))  # noqa: E731
+    np.testing.assert_array_equal(op("Invert", 5), 255 - arr)
+    # SolarizeAdd at level 10: +110 below 128, clipped to 255.
+    np.testing.assert_array_equal(op("SolarizeAdd", 10), np.where(arr < 128, np.minimum(
+        arr.astype(int) + 110, 255), arr))
+    # Solarize at level 5: invert pixels >= 256 - 128.
+    np.testing.assert_array_equal(op("Solarize", 5), np.where(arr >= 128, 255 - arr, arr))
+    # Posterize at level 5: keep 4 - int(2.0) = 2 bits.
+    np.testing.assert_array_equal(op("Posterize", 5), arr & 0b11000000)
+    np.testing.assert_array_equal(op("Rotate", 0), arr)  # level 0: identity
+
+
+def test_rand_augment_is_deterministic_and_keeps_shape(tmp_path):
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    outs = [np.asarray(D.rand_augment(img, np.random.default_rng(s))) for s in (3, 3, 4)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert all(o.shape == (16, 16, 3) for o in outs)
+    changed = sum(not np.array_equal(np.asarray(D.rand_augment(img, np.random.default_rng(s))),
+                                     np.asarray(img)) for s in range(20))
+    assert 5 <= changed <= 20  # each of 2 ops applies with probability 1/2
+    path = str(tmp_path / "x.jpg")
+    img.save(path)
+    out = D.DecodeTrain(8, randaug_magnitude=9, erase_prob=1.0)((path, 3), np.random.default_rng(0))
+    assert out["image"].shape == (8, 8, 3) and out["valid"]

@@ -222,6 +222,74 @@ def _draft(img: Image.Image, box_w: float, box_h: float, size: int):
     return img.size[0] / w0, img.size[1] / h0
 
 
+# RandAugment, as timm's "rand-m9-mstd0.5-inc1" (the DeiT recipe): the "increasing" op set,
+# 2 ops drawn with replacement, each applied with probability 0.5 at a magnitude drawn per op from
+# N(9, 0.5) clipped to [0, 10]; geometric ops fill with the ImageNet mean, bicubic resampling.
+RANDAUG_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+               "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
+               "TranslateX", "TranslateY")
+_FILL = tuple(int(round(255 * v)) for v in IMAGENET_MEAN)
+
+
+def _signed(value: float, rng: np.random.Generator) -> float:
+    return -value if rng.random() < 0.5 else value
+
+
+def randaug_op(img: Image.Image, name: str, level: float, rng: np.random.Generator) -> Image.Image:
+    """One RandAugment op at ``level`` in [0, 10] (timm's level -> argument maps, "increasing"
+    variants): Rotate +-30 deg x level/10; Shear +-0.3; Translate +-0.45 of the size; Posterize
+    to 4 - int(4 level/10) bits; Solarize above 256 - int(256 level/10); SolarizeAdd +int(110
+    level/10) below 128; Color/Contrast/Brightness/Sharpness factor 1 +- 0.9 level/10."""
+    from PIL import ImageEnhance, ImageOps
+
+    f = level / 10.0
+    bicubic = {"resample": Image.BICUBIC, "fillcolor": _FILL[: len(img.getbands())]}
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Invert":
+        return ImageOps.invert(img)
+    if name == "Rotate":
+        return img.rotate(_signed(30.0 * f, rng), resample=Image.BICUBIC,
+                          fillcolor=bicubic["fillcolor"])
+    if name == "Posterize":
+        bits = 4 - int(4 * f)
+        return img if bits >= 8 else ImageOps.posterize(img, max(bits, 0))
+    if name == "Solarize":
+        return ImageOps.solarize(img, 256 - int(256 * f))
+    if name == "SolarizeAdd":
+        add = int(110 * f)
+        lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+        return img.point(lut * len(img.getbands()))
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return getattr(ImageEnhance, name)(img).enhance(1.0 + _signed(0.9 * f, rng))
+    if name == "ShearX":
+        return img.transform(img.size, Image.AFFINE, (1, _signed(0.3 * f, rng), 0, 0, 1, 0), **bicubic)
+    if name == "ShearY":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, _signed(0.3 * f, rng), 1, 0), **bicubic)
+    if name == "TranslateX":
+        dx = _signed(0.45 * f, rng) * img.size[0]
+        return img.transform(img.size, Image.AFFINE, (1, 0, dx, 0, 1, 0), **bicubic)
+    if name == "TranslateY":
+        dy = _signed(0.45 * f, rng) * img.size[1]
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, dy), **bicubic)
+    raise ValueError(f"unknown RandAugment op {name!r}; choose from {RANDAUG_OPS}")
+
+
+def rand_augment(img: Image.Image, rng: np.random.Generator, *, num_ops: int = 2,
+                 magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5):
+    """timm-style RandAugment on a PIL image: ``num_ops`` ops drawn with replacement from
+    :data:`RANDAUG_OPS`, each applied with probability ``prob`` at a level drawn from
+    N(magnitude, magnitude_std) clipped to [0, 10]."""
+    for name in rng.choice(RANDAUG_OPS, size=num_ops, replace=True):
+        if rng.random() > prob:
+            continue
+        level = magnitude if magnitude_std <= 0 else rng.normal(magnitude, magnitude_std)
+        img = randaug_op(img, str(name), float(np.clip(level, 0.0, 10.0)), rng)
+    return img
+
+
 def random_erase(arr: np.ndarray, rng: np.random.Generator, mean, std, *,
                  area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> np.ndarray:
     """timm's RandomErasing (mode "pixel", one box): up to 10 tries for a box of area fraction in
@@ -247,7 +315,8 @@ def random_erase(arr: np.ndarray, rng: np.random.Generator, mean, std, *,
 class DecodeTrain:
     """Decode a file element and apply the ImageNet training crop: RandomResizedCrop to ``size``
     (bilinear, antialiased), a horizontal flip with probability 1/2, and with probability
-    ``erase_prob`` :func:`random_erase` (``mean``/``std``: the normalisation). Corrupt files: raise
+    ``erase_prob`` :func:`random_erase` (``mean``/``std``: the normalisation); with
+    ``randaug_magnitude`` > 0, :func:`rand_augment` after the flip. Corrupt files: raise
     (``on_corrupt="fail"``) or return zeros with ``valid=False`` (``"skip"``)."""
 
     size: int
@@ -255,6 +324,8 @@ class DecodeTrain:
     on_corrupt: str = "fail"
     scale: tuple[float, float] = (0.08, 1.0)
     erase_prob: float = 0.0
+    randaug_magnitude: float = 0.0
+    randaug_ops: int = 2
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -267,11 +338,13 @@ class DecodeTrain:
                 box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
                 img = img.convert("RGB" if self.channels == 3 else "L")
                 img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
-                arr = _as_rgb_array(img, self.channels)
         except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt image
             return _corrupt(path, e, self.on_corrupt, self.size, self.channels, label)
         if rng.random() < 0.5:
-            arr = arr[:, ::-1]
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.randaug_magnitude > 0:
+            img = rand_augment(img, rng, num_ops=self.randaug_ops, magnitude=self.randaug_magnitude)
+        arr = _as_rgb_array(img, self.channels)
         if self.erase_prob and rng.random() < self.erase_prob:
             arr = random_erase(arr, rng, self.mean, self.std)
         return {"image": np.ascontiguousarray(arr), "label": np.int32(label), "valid": np.bool_(True)}

@@ -38,7 +38,8 @@ def build_data(cfg) -> loop.DataSpec:
     resize = cfg.eval_resize or int(round(size * 256 / 224))
     if resize < size:
         raise ValueError(f"--eval-resize {resize} must be >= --image-size {size}")
-    aug = data_lib.DecodeTrain(size, 3, on_corrupt=cfg.on_corrupt, erase_prob=cfg.reprob)
+    aug = data_lib.DecodeTrain(size, 3, on_corrupt=cfg.on_corrupt, erase_prob=cfg.reprob,
+                               randaug_magnitude=cfg.randaug_magnitude, randaug_ops=cfg.randaug_ops)
     ev = data_lib.DecodeEval(size, resize, 3, on_corrupt=cfg.on_corrupt)
     return loop.DataSpec(data_lib.elements(train), data_lib.elements(val), aug, ev,
                          len(train.classes), size, 3, data_lib.IMAGENET_MEAN,
