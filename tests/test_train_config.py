@@ -35,7 +35,8 @@ def test_reference_imagenet_flags_and_recipes():
     cfg = _parse("imagenet", ["--arch", "vit_deit_small_patch16_224", "--mixup", "0"])
     assert (cfg.optimizer, cfg.weight_decay, cfg.min_lr, cfg.drop_path, cfg.mixup, cfg.cutmix) == (
         "adamw", 0.05, 1e-5, 0.1, 0.0, 1.0)
-    assert (cfg.repeated_aug, cfg.reprob, cfg.randaug_magnitude) == (3, 0.25, 9.0)
+    assert (cfg.repeated_aug, cfg.reprob, cfg.randaug_magnitude, cfg.interpolation) == (
+        3, 0.25, 9.0, "bicubic")
     assert cfg.lr == pytest.approx(5e-4 * cfg.batch_size / 512)
 
 

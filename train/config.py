@@ -19,13 +19,13 @@ RESNET_RECIPE = dict(
     epochs=120, batch_size=256, optimizer="sgd", lr_per_256=0.1, momentum=0.9, nesterov=False,
     weight_decay=1e-4, label_smoothing=0.1, warmup_epochs=5, warmup_lr=0.0, min_lr=0.0,
     lr_schedule="cosine_step", mixup=0.0, cutmix=0.0, drop_path=0.0, repeated_aug=1, reprob=0.0,
-    randaug_magnitude=0.0,
+    randaug_magnitude=0.0, interpolation="bilinear",
 )
 DEIT_RECIPE = dict(
     epochs=300, batch_size=1024, optimizer="adamw", lr_per_512=5e-4, momentum=0.9, nesterov=False,
     weight_decay=0.05, label_smoothing=0.1, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
     lr_schedule="cosine_step", mixup=0.8, cutmix=1.0, drop_path=0.1, repeated_aug=3, reprob=0.25,
-    randaug_magnitude=9.0,
+    randaug_magnitude=9.0, interpolation="bicubic",
 )
 
 
@@ -117,6 +117,9 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         g.add_argument("--randaug-magnitude", type=float, default=None,
                        help="RandAugment magnitude (timm rand-mM-mstd0.5-inc1; 0: off)")
         g.add_argument("--randaug-ops", type=int, default=2, help="RandAugment ops per image")
+        g.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic"],
+                       help="resampling of the train crop and eval resize (ResNet: bilinear, "
+                            "DeiT: bicubic)")
 
     g = p.add_argument_group("N:M sparsity")
     g.add_argument("--method", default="bimask", choices=["dense", "srste", "transposable", "bimask"])

@@ -208,6 +208,9 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
 def _draft(img: Image.Image, box_w: float, box_h: float, size: int):
     """Let the JPEG decoder downscale by a power of 2 (DCT scaling) while the crop box keeps at
     least ``size`` pixels per side; returns the scale factors applied (sx, sy)."""
@@ -314,7 +317,7 @@ def random_erase(arr: np.ndarray, rng: np.random.Generator, mean, std, *,
 @dataclass(frozen=True)
 class DecodeTrain:
     """Decode a file element and apply the ImageNet training crop: RandomResizedCrop to ``size``
-    (bilinear, antialiased), a horizontal flip with probability 1/2, and with probability
+    (``interpolation``, antialiased), a horizontal flip with probability 1/2, and with probability
     ``erase_prob`` :func:`random_erase` (``mean``/``std``: the normalisation); with
     ``randaug_magnitude`` > 0, :func:`rand_augment` after the flip. Corrupt files: raise
     (``on_corrupt="fail"``) or return zeros with ``valid=False`` (``"skip"``)."""
@@ -324,6 +327,7 @@ class DecodeTrain:
     on_corrupt: str = "fail"
     scale: tuple[float, float] = (0.08, 1.0)
     erase_prob: float = 0.0
+    interpolation: str = "bilinear"
     randaug_magnitude: float = 0.0
     randaug_ops: int = 2
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -337,7 +341,7 @@ class DecodeTrain:
                 sx, sy = _draft(img, w, h, self.size)
                 box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
                 img = img.convert("RGB" if self.channels == 3 else "L")
-                img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+                img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
         except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt image
             return _corrupt(path, e, self.on_corrupt, self.size, self.channels, label)
         if rng.random() < 0.5:
@@ -353,12 +357,14 @@ class DecodeTrain:
 @dataclass(frozen=True)
 class DecodeEval:
     """Decode a file element and apply the eval transform: resize the shorter side to
-    ``resize`` then center-crop ``size`` (done as one antialiased resize of the matching box)."""
+    ``resize`` then center-crop ``size`` (done as one antialiased resize of the matching box, with
+    ``interpolation`` "bilinear" or "bicubic")."""
 
     size: int
     resize: int
     channels: int = 3
     on_corrupt: str = "fail"
+    interpolation: str = "bilinear"
 
     def __call__(self, element):
         path, label = element
@@ -370,7 +376,7 @@ class DecodeEval:
                 left, top = (w0 - crop) / 2, (h0 - crop) / 2
                 box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
                 img = img.convert("RGB" if self.channels == 3 else "L")
-                img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+                img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
                 arr = _as_rgb_array(img, self.channels)
         except Exception as e:  # noqa: BLE001
             return _corrupt(path, e, self.on_corrupt, self.size, self.channels, label)

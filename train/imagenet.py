@@ -39,8 +39,10 @@ def build_data(cfg) -> loop.DataSpec:
     if resize < size:
         raise ValueError(f"--eval-resize {resize} must be >= --image-size {size}")
     aug = data_lib.DecodeTrain(size, 3, on_corrupt=cfg.on_corrupt, erase_prob=cfg.reprob,
+                               interpolation=cfg.interpolation,
                                randaug_magnitude=cfg.randaug_magnitude, randaug_ops=cfg.randaug_ops)
-    ev = data_lib.DecodeEval(size, resize, 3, on_corrupt=cfg.on_corrupt)
+    ev = data_lib.DecodeEval(size, resize, 3, on_corrupt=cfg.on_corrupt,
+                             interpolation=cfg.interpolation)
     return loop.DataSpec(data_lib.elements(train), data_lib.elements(val), aug, ev,
                          len(train.classes), size, 3, data_lib.IMAGENET_MEAN,
                          data_lib.IMAGENET_STD, f"ImageFolder {cfg.data_path}")
