@@ -109,7 +109,7 @@ def test_imagenet_script_resnet_and_deit(tmp_path):
     common = ["--data_path", tree, "--image-size", "16", "--batch-size", "4", "--epochs", "1",
               "--no-progress", "--log-every", "1", "--fast-compile"]
     out = imagenet.main(common + ["--arch", "resnet18", "--width-mult", "0.0625", "--method",
-                                  "transposable", "--job_dir", str(tmp_path / "r18")])
+                                  "dense", "--job_dir", str(tmp_path / "r18")])
     assert out["step"] == 2 and np.isfinite(out["final_top1"])
     # DeiT recipe: AdamW, warm-up, drop-path, mixup + cutmix; 2:4 via the reference's --N/--M.
     try:
