@@ -28,6 +28,7 @@ def _param_count(arch, classes, size):
     ("resnet20", 10, 32, 269_722),            # He et al.: 0.27M
     ("resnet32", 10, 32, 464_154),            # He et al.: 0.46M
     ("resnet56", 10, 32, 853_018),            # He et al.: 0.85M
+    ("vgg19", 10, 32, 20_040_522 - 5_504),    # PyTorch CIFAR VGG-19-BN less its 16 conv biases
 ])
 def test_parameter_counts_match_published(arch, classes, size, expected):
     n, _ = _param_count(arch, classes, size)
