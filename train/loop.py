@@ -312,12 +312,14 @@ class Logger:
     def record(self, kind: str, **values) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"type": kind, **values}) + "\n")
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                 for k, v in values.items()}  # strict JSON: NaN (no timed step yet) -> null
+        self.jsonl.write(json.dumps({"type": kind, **clean}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             step = values.get("step", 0)
             for key, v in values.items():
-                if isinstance(v, (int, float)) and key not in ("step", "epoch"):
+                if isinstance(v, (int, float)) and np.isfinite(v) and key not in ("step", "epoch"):
                     self.tb.add_scalar(f"{kind}/{key}", v, step)
 
     def bar(self, epoch: int, epochs: int, done: int, total: int, **vals) -> None:
@@ -515,29 +517,34 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
               f"{nproc} host(s); batch {cfg.batch_size}, {spe} steps/epoch, {cfg.epochs} epochs; "
               f"run dir {run_dir}")
     t_start, last_eval, skipped_total = time.time(), None, 0
-    stopped = False
+    stopped, compiled = False, False
     while epoch < cfg.epochs and not stopped:
         batches = data_lib.train_batches(
             data.train_source, data.train_transform, global_batch=cfg.batch_size, seed=cfg.seed,
             epoch=epoch, start_batch=batch_in_epoch, process_index=pidx, process_count=nproc,
             workers=cfg.workers, prefetch=cfg.prefetch, repeats=cfg.repeated_aug)
-        acc_m, t_log, n_log, step = None, time.time(), 0, batch_in_epoch
+        acc_m, t_log, n_log, n_timed, step = None, time.time(), 0, 0, batch_in_epoch
         for b, local in enumerate(batches, start=batch_in_epoch):
             state, metrics = train_step(state, _global_batch(local, rows_sh))
             acc_m = metrics if acc_m is None else jax.tree.map(jnp.add, acc_m, metrics)
             n_log += 1
+            n_timed += 1
             step = b + 1
+            if not compiled:  # img/s leaves out the first step of the run (compilation)
+                jax.block_until_ready(state)
+                compiled, t_log, n_timed = True, time.time(), 0
             if step % cfg.log_every == 0 or step == spe:
                 m = _to_py(acc_m)
                 dt = time.time() - t_log
+                speed = n_timed * cfg.batch_size / dt if n_timed else float("nan")
                 vals = {"loss": m["loss"] / max(m["count"], 1), "acc": 100 * m["correct"] / max(
-                    m["count"], 1), "lr": m["lr"] / n_log, "img_per_s": n_log * cfg.batch_size / dt}
+                    m["count"], 1), "lr": m["lr"] / n_log, "img_per_s": speed}
                 skipped_total += int(m["invalid"])
                 log.bar(epoch, cfg.epochs, step, spe, loss=vals["loss"], acc=vals["acc"],
                         lr=vals["lr"], **{"img/s": round(vals["img_per_s"], 1)})
                 log.record("train", step=int(epoch * spe + step), epoch=epoch + 1, **vals,
                            skipped=int(m["invalid"]))
-                acc_m, t_log, n_log = None, time.time(), 0
+                acc_m, t_log, n_log, n_timed = None, time.time(), 0, 0
             global_step = epoch * spe + step
             if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
                 stopped = True
