@@ -23,13 +23,18 @@ the summed time. Kernel sets:
   written by ``train/cifar.py`` (``--trained PATH`` = a step directory holding ``state/``), grouped
   by the ``stage*`` component of the parameter path (else by ``C``).
 
+With ``--exhaustive``, layers with ``C <= 16`` also get the exact optimum over all partitions
+(2,627,625 for ``C = 16, m = 4``), which bounds the efficacy any search can reach.
+
     python benchmarks/search.py [--sets resnet50,deit_s,trained --trained RUN/checkpoints/last/STEP]
-        [--stripe-iterations 100] [--repeats 5] [--out benchmarks/results/search.json]
+        [--stripe-iterations 100] [--repeats 5] [--exhaustive] [--out benchmarks/results/search.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import platform
@@ -96,13 +101,41 @@ def trained_kernels(path: str, m: int):
     return out
 
 
+@functools.cache
+def _partitions(c: int, m: int) -> np.ndarray:
+    """Every partition of ``range(c)`` into ``c/m`` unordered groups of ``m``, as int32
+    ``(count, c/m)`` indices into ``itertools.combinations(range(c), m)`` (2,627,625 for 16, 4)."""
+    subset_id = {sub: i for i, sub in enumerate(itertools.combinations(range(c), m))}
+    out = []
+
+    def rec(rest, chosen):
+        if not rest:
+            out.append(chosen)
+            return
+        for tail in itertools.combinations(rest[1:], m - 1):  # the smallest left opens a group
+            sub = (rest[0], *tail)
+            rec([x for x in rest if x not in sub], chosen + [subset_id[sub]])
+
+    rec(list(range(c)), [])
+    return np.asarray(out, np.int32)
+
+
+def exhaustive_optimum(fwd, n: int, m: int) -> int:
+    """The best permutation score over all partitions (exhaustive; only for ``C <= 16``)."""
+    c = fwd.shape[-1]
+    f2 = np.asarray(fwd).reshape(-1, c)
+    subs = np.asarray(list(itertools.combinations(range(c), m)))
+    value = np.minimum(f2[:, subs].sum(-1), n).sum(0)  # score of every group of m columns
+    return int(value[_partitions(c, m)].sum(1).max())
+
+
 def _timed(fn, *args):
     t = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return out, time.perf_counter() - t
 
 
-def bench_layer(kernel, n, m, methods, repeats, key):
+def bench_layer(kernel, n, m, methods, repeats, key, exhaustive=False):
     """Scores and median times of every method on one kernel. ``methods``: name -> (fn, repeats)
     with ``fn(key, kernel, fwd) -> perm``; the first method with ``repeats`` > 1 sets the order."""
     c = kernel.shape[-1]
@@ -114,6 +147,8 @@ def bench_layer(kernel, n, m, methods, repeats, key):
         "upper": int(bj.retained_upper_bound(fwd, n, m)),
         "identity": {"score": ident, "time_s": 0.0},
     }
+    if exhaustive and c <= 16:
+        row["optimum"] = exhaustive_optimum(fwd, n, m)
     perms, times = {}, {name: [] for name in methods}
     for name, (fn, _) in methods.items():  # compile + warm-up
         perms[name] = np.asarray(jax.block_until_ready(fn(key, kernel, fwd)))
@@ -167,6 +202,11 @@ def summarize(rows, names):
         ident = sum(r["identity"]["score"] for r in rs)
         upper = sum(r["upper"] for r in rs)
         table[g] = {"layers": len(rs), "upper_retained": upper / kept}
+        if all("optimum" in r for r in rs):
+            opt = sum(r["optimum"] for r in rs)
+            table[g]["optimum"] = {
+                "retained": opt / kept, "efficacy": float(bj.search_efficacy(opt, ident, upper))
+            }
         for name in ["identity", *names]:
             s = sum(r[name]["score"] for r in rs)
             table[g][name] = {
@@ -190,6 +230,11 @@ def print_table(table, names, stream=sys.stdout):
         ]
         print(f"{g:<22}{t['layers']:>3} {100 * t['upper_retained']:6.2f} " + " ".join(
             f"{x:>24}" for x in cells), file=stream)
+    for g, t in table.items():
+        if "optimum" in t:
+            print(f"{g}: exhaustive optimum over all partitions: retained "
+                  f"{100 * t['optimum']['retained']:.2f}%, efficacy "
+                  f"{t['optimum']['efficacy']:.3f}", file=stream)
 
 
 def main(argv=None):
@@ -209,6 +254,8 @@ def main(argv=None):
     p.add_argument("--repeats-1000", type=int, default=1)
     p.add_argument("--deit-blocks", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exhaustive", action="store_true",
+                   help="also the exact optimum of layers with C <= 16 (all partitions)")
     p.add_argument("--out", default=os.path.join(here, "results", "search.json"))
     args = p.parse_args(argv)
 
@@ -231,7 +278,8 @@ def main(argv=None):
     key = jax.random.key(args.seed)
     t0 = time.time()
     for i, (group, name, w) in enumerate(kernels):
-        row = bench_layer(w, args.n, args.m, methods, args.repeats, jax.random.fold_in(key, i))
+        row = bench_layer(w, args.n, args.m, methods, args.repeats, jax.random.fold_in(key, i),
+                          args.exhaustive)
         row.update(group=group, name=name)
         rows.append(row)
         print(f"[{time.time() - t0:6.0f}s] {name} {tuple(w.shape)} " + " ".join(

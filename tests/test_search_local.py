@@ -223,3 +223,15 @@ def test_local_search_errors():
         bj.search_permutation(key, _kernel((16, 16)), 2, 8, method="stripe")
     with pytest.raises(ValueError, match="init is not a permutation"):
         bj.search_permutation(key, k, 2, 4, method="swap", init=np.zeros(8, int))
+
+
+@pytest.mark.parametrize("size", [2, 6, 8])
+def test_round_robin_meets_every_pair_once_per_cycle(size):
+    labels = jnp.asarray(np.random.default_rng(size).permutation(size))
+    for start in (0, 3):
+        seen = []
+        for r in range(start, start + size - 1):
+            pairs = np.asarray(ls._round_robin_pairs(labels, r))
+            assert sorted(pairs.reshape(-1).tolist()) == list(range(size))  # a perfect matching
+            seen += [tuple(sorted(p)) for p in pairs.tolist()]
+        assert sorted(seen) == sorted(itertools.combinations(range(size), 2))
