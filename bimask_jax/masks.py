@@ -57,10 +57,10 @@ def _topn_along(key, n: int, axis: int):
         sl = [jax.lax.index_in_dim(key, i, axis, keepdims=False) for i in range(m)]
         ranks = []
         for i in range(m):
-            r = jnp.zeros(sl[i].shape, jnp.int32)
+            r = jnp.zeros(sl[i].shape, jnp.int8)  # m <= 16: ranks fit in int8
             for j in range(m):
                 if j != i:
-                    r = r + ((sl[j] >= sl[i]) if j < i else (sl[j] > sl[i])).astype(jnp.int32)
+                    r = r + ((sl[j] >= sl[i]) if j < i else (sl[j] > sl[i])).astype(jnp.int8)
             ranks.append(r)
         rank = jnp.stack(ranks, axis=axis)
     else:
