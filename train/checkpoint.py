@@ -44,6 +44,9 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.last.save(step, args=args, force=True)
         if best:
+            # One save at a time: two managers saving the same step concurrently collide on
+            # orbax's multi-host barrier names.
+            self.last.wait_until_finished()
             args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta))
             self.best.save(step, args=args, force=True)

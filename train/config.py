@@ -149,7 +149,11 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events "
                    "(needs tensorboardX)")
     g.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() first")
+                   help="multi-host: call jax.distributed.initialize() first (cluster "
+                        "auto-detection, or the three flags below)")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="checkpoint and exit after this global step (simulates pre-emption)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -356,10 +356,12 @@ class Logger:
 
 
 def init_distributed(cfg: argparse.Namespace) -> None:
-    """``jax.distributed.initialize()`` when ``--distributed`` (cluster auto-detection: SLURM,
-    Open MPI, Cloud TPU, or the JAX_COORDINATOR_ADDRESS/... environment)."""
+    """``jax.distributed.initialize()`` when ``--distributed``: with ``--coordinator-address``,
+    ``--num-processes``, ``--process-id`` when given, else cluster auto-detection (SLURM, Open
+    MPI, Cloud TPU, ``JAX_COORDINATOR_ADDRESS``)."""
     if getattr(cfg, "distributed", False):
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                                   num_processes=cfg.num_processes, process_id=cfg.process_id)
 
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
