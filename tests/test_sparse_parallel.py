@@ -1,6 +1,7 @@
 """Data parallel on 2 host devices: a batch-sharded jitted train step of a wrapped model (with the
 refresh inside the step) gives the single-device losses, grads and permutations, and every device
-holds the same permutation. Runs in a subprocess so XLA_FLAGS does not leak into other tests."""
+holds the same permutation (linen; nnx: losses and permutations). Runs in a subprocess so
+XLA_FLAGS does not leak into other tests."""
 
 import os
 import subprocess
@@ -71,6 +72,46 @@ SCRIPT = textwrap.dedent(
             np.testing.assert_array_equal(shards[0], shards[1])
             changed += int((np.asarray(p1) != np.arange(p1.shape[0])).any())
     assert changed > 0, "no refresh changed a permutation: the test would not see a divergence"
+
+    # nnx: the same check with nnx.jit, nnx.Optimizer(wrt=nnx.Param) and BimaskState
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(8, 32, rngs=rngs)
+            self.fc2 = nnx.Linear(32, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(nnx.relu(self.fc1(x)))
+
+    xn, tn = x.mean((1, 2))[:, :4].repeat(2, axis=1), t
+
+    def run_nnx(sharded):
+        model = bf.sparse(MLP(nnx.Rngs(0)), num_candidates=20, refresh_every=2)
+        opt = nnx.Optimizer(model, optax.sgd(0.3), wrt=nnx.Param)
+
+        @nnx.jit
+        def nstep(model, opt, x, t, i):
+            lv, g = nnx.value_and_grad(lambda mdl: jnp.mean((mdl(x) - t) ** 2))(model)
+            opt.update(model, g)
+            key = jax.random.fold_in(jax.random.key(3), i)
+            nnx.update(model, bf.maybe_refresh(key, model, None, i))
+            return lv
+
+        xs, ts = xn, tn
+        if sharded:
+            xs, ts = jax.device_put(xn, shard), jax.device_put(tn, shard)
+            nnx.update((model, opt), jax.device_put(nnx.state((model, opt)), rep))
+        losses = [float(nstep(model, opt, xs, ts, jnp.int32(i))) for i in range(4)]
+        return losses, model.fc1.dot_general.perm[...]
+
+    (l1, p1), (l2, p2) = run_nnx(False), run_nnx(True)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    np.testing.assert_array_equal(p1, p2)
+    assert (np.asarray(p1) != np.arange(32)).any()
+    shards = [np.asarray(s.data) for s in p2.addressable_shards]
+    assert len(shards) == 2 and p2.sharding.is_fully_replicated
+    np.testing.assert_array_equal(shards[0], shards[1])
     print(json.dumps({"ok": True, "changed": changed}))
     """
 )
