@@ -54,12 +54,14 @@ def _sparse_dense_bwd(decay, precision, res, g):
     x, kernel, fwd, bwd = res
     dtype = g.dtype
     dx = jnp.matmul(g, _masked(kernel, bwd, dtype).T, precision=precision).astype(x.dtype)
-    k, c = kernel.shape
-    x2 = x.reshape(-1, k).astype(dtype)
-    g2 = g.reshape(-1, c)
-    dw = jnp.matmul(x2.T, g2, precision=precision, preferred_element_type=jnp.float32)
-    dw = (dw + _srste_term(kernel, fwd, decay).astype(jnp.float32)).astype(kernel.dtype)
-    return dx, dw, None, None
+    # x^T g over all batch axes, as the transpose of the product in the kernel (jax.vjp carries the
+    # arguments' sharding types: with a batch-sharded x the contraction is a cross-device sum).
+    _, vjp_w = jax.vjp(
+        lambda w_: jnp.matmul(x.astype(dtype), w_, precision=precision), kernel.astype(dtype)
+    )
+    (dw,) = vjp_w(g)
+    dw = dw.astype(jnp.float32) + _srste_term(kernel, fwd, decay).astype(jnp.float32)
+    return dx, dw.astype(kernel.dtype), None, None
 
 
 _sparse_dense.defvjp(_sparse_dense_fwd, _sparse_dense_bwd)
@@ -144,11 +146,13 @@ def _sparse_conv_fwd(x, kernel, fwd, bwd, decay, cfg):
 def _sparse_conv_bwd(decay, cfg, res, g):
     x, kernel, fwd, bwd = res
     dtype = g.dtype
-    xs = jax.ShapeDtypeStruct(x.shape, dtype)
-    ws = jax.ShapeDtypeStruct(kernel.shape, dtype)
-    wb = _masked(kernel, bwd, dtype)
-    (dx,) = jax.linear_transpose(lambda x_: _conv(x_, wb, *cfg), xs)(g)
-    (dw,) = jax.linear_transpose(lambda w_: _conv(x.astype(dtype), w_, *cfg), ws)(g)
+    # The transposed convolutions, by autodiff of the (linear) conv in each argument; under jit the
+    # primal convs that jax.vjp also builds are dead code. (jax.vjp rather than linear_transpose:
+    # it carries the arguments' sharding types, which Explicit mesh axes require.)
+    _, vjp_x = jax.vjp(lambda x_: _conv(x_, _masked(kernel, bwd, dtype), *cfg), x.astype(dtype))
+    _, vjp_w = jax.vjp(lambda w_: _conv(x.astype(dtype), w_, *cfg), kernel.astype(dtype))
+    (dx,) = vjp_x(g)
+    (dw,) = vjp_w(g)
     dw = dw.astype(jnp.float32) + _srste_term(kernel, fwd, decay).astype(jnp.float32)
     return dx.astype(x.dtype), dw.astype(kernel.dtype), None, None
 

@@ -167,3 +167,44 @@ def test_op_errors():
         bj.sparse_conv(_rand((1, 5, 5, 4), 0), kc, onesc, onesc)
     with pytest.raises(ValueError, match="strides must be an int or a sequence of 2 ints"):
         bj.sparse_conv(_rand((1, 5, 5, 8), 0), kc, onesc, onesc, strides=(1, 1, 1))
+
+
+_SHARDED_GRADS = r"""
+import jax, jax.numpy as jnp, numpy as np
+import bimask_jax as bj
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+rng = np.random.default_rng(0)
+k = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32)
+kd = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+x = jnp.asarray(rng.standard_normal((4, 6, 6, 8)), jnp.float32)
+xd = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+fc, bc = bj.layer_masks(k, 2, 4, "bimask", jnp.arange(8)[::-1])
+fd, bd = bj.layer_masks(kd, 2, 4, "bimask", jnp.arange(8)[::-1])
+
+def loss(x, k, xd, kd):
+    return (bj.sparse_conv(x, k, fc, bc, strides=2) ** 2).sum() + (
+        bj.sparse_dense(xd, kd, fd, bd) ** 2).sum()
+
+grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+ref = grad(x, k, xd, kd)
+mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,))
+with jax.set_mesh(mesh):
+    shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    got = grad(shard(x, P("data")), shard(k, P()), shard(xd, P("data")), shard(kd, P()))
+for a, b in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-3)
+print("OK")
+"""
+
+
+def test_grads_with_explicit_batch_sharding_match_single_device():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_GRADS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
