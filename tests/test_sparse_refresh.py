@@ -89,3 +89,13 @@ def test_local_search_option(search):
     assert _retained(kernel, new["conv"]["perm"]) > _retained(kernel, np.arange(16))
     with pytest.raises(ValueError, match="search"):
         bf.sparse(Two(), search="annealing")
+
+
+def test_default_search_is_stripe_for_small_m_and_random_otherwise():
+    from bimask_jax.flax import SparseConfig
+
+    assert SparseConfig().search == "stripe"
+    assert SparseConfig(n=4, m=8).search == "random"
+    assert SparseConfig(search="random").search == "random"
+    with pytest.raises(ValueError, match="search must be 'auto' or one of"):
+        SparseConfig(search="greedy")

@@ -131,6 +131,12 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                    help="Bi-Mask: random permutations tried per search")
     g.add_argument("--decay", type=float, default=2e-4,
                    help="SR-STE decay on pruned weights (srste, transposable, bimask)")
+    g.add_argument("--search", default="random", choices=["auto", "random", "stripe", "swap"],
+                   help="Bi-Mask permutation search: random (the paper's, --num-candidates "
+                        "candidates), stripe/swap (local search, --search-iterations), auto "
+                        "(the library default: stripe for m <= 6)")
+    g.add_argument("--search-iterations", type=int, default=100,
+                   help="Bi-Mask: iterations of a stripe/swap search per refresh")
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
                    help="sparse matmul backend (pallas: the 2:4 GPU kernels)")
 

@@ -109,7 +109,7 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
     model = api.sparse(
         module, n=cfg.n, m=cfg.m, method=cfg.method, num_candidates=cfg.num_candidates,
         refresh_every=cfg.refresh_every, decay=cfg.decay, exclude=tuple(dense_layers),
-        backend=cfg.kernels,
+        backend=cfg.kernels, search=cfg.search, search_iterations=cfg.search_iterations,
     )
     refresh = None
     if cfg.method == "bimask":

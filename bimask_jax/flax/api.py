@@ -12,8 +12,8 @@ from bimask_jax.flax.config import SparseConfig
 
 def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candidates: int = 100,
            refresh_every: int = 100, decay: float = 2e-4, exclude=None, include=None,
-           backend: str = "xla", chunk_size: int | None = None, search: str = "random",
-           search_iterations: int = 64):
+           backend: str = "xla", chunk_size: int | None = None, search: str = "auto",
+           search_iterations: int = 100):
     """Bi-Mask N:M sparse training for an unmodified Flax model.
 
     Every Dense/DenseGeneral/Conv (linen) or Linear/LinearGeneral/Conv (nnx) layer selected by the
@@ -38,6 +38,9 @@ def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candida
       search, search_iterations: permutation search of :func:`refresh`: ``"random"`` (the paper's;
         ``num_candidates`` random permutations) or the local searches ``"stripe"``/``"swap"`` of
         ``search_permutation`` (``search_iterations`` iterations from the current permutation).
+        Default ``"auto"``: ``"stripe"`` for ``m <= 6`` (measured better and faster than the
+        paper's random-100, see BENCHMARKS.md), else ``"random"``. ``num_candidates=0`` disables
+        the search whatever ``search`` is (the no-permutation ablation).
     """
     cfg = SparseConfig(n=n, m=m, method=method, num_candidates=num_candidates,
                        refresh_every=refresh_every, decay=decay, exclude=exclude,

@@ -115,6 +115,8 @@ def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, ch
         chunk_size = max(1, min(max(num_candidates, 1), _GROUP_CHUNK_BYTES // max(1, s * k * c)))
 
     def one(kk, w, p):
+        if num_candidates == 0:  # the no-permutation ablation, whatever the search method
+            return p
         if search != "random":
             return search_permutation(kk, w, n, m, init=p, method=search, iterations=iterations)
         return search_permutation(kk, w, n, m, num_candidates, init=p, chunk_size=chunk_size)
