@@ -104,6 +104,33 @@ def bench_model(name, shapes, ref, torch, args, rng):
     row["ours_step_masks_s"] = timeit(
         lambda: jax.block_until_ready(masks(kernels, perms)), args.repeats
     )
+    # Where the per-step time goes: forward masks alone, backward masks alone (given the forward
+    # masks), and the floor of any gather-based backward mask: one column gather per layer.
+    fwd_only = jax.jit(lambda ks: [bj.forward_mask(k, N, M) for k in ks])
+    fwds = fwd_only(kernels)
+    bwd_only = jax.jit(
+        lambda ks, fs, ps: [
+            bj.backward_mask(k, f, p, N, M) for k, f, p in zip(ks, fs, ps, strict=True)
+        ]
+    )
+    gather = jax.jit(
+        lambda ks, ps: [
+            jnp.take_along_axis(
+                k.reshape(-1, k.shape[-1]),
+                jnp.broadcast_to(p[None, :], (k.size // k.shape[-1], k.shape[-1])),
+                axis=1,
+                mode="clip",
+            )
+            for k, p in zip(ks, ps, strict=True)
+        ]
+    )
+    row["ours_fwd_only_s"] = timeit(lambda: jax.block_until_ready(fwd_only(kernels)), args.repeats)
+    row["ours_bwd_only_s"] = timeit(
+        lambda: jax.block_until_ready(bwd_only(kernels, fwds, perms)), args.repeats
+    )
+    row["one_column_gather_s"] = timeit(
+        lambda: jax.block_until_ready(gather(kernels, perms)), args.repeats
+    )
     refresh = refresh_fn(100)
     key = jax.random.key(0)
     row["ours_refresh100_s"] = timeit(
@@ -135,7 +162,7 @@ def bench_model(name, shapes, ref, torch, args, rng):
                 fm = ref.fwd_mask(w, N, M)
                 ref.bwd_mask(w, fm, p, N, M)
 
-        row["ref_step_masks_s"] = timeit(ref_step, max(1, args.repeats // 4))
+        row["ref_step_masks_s"] = timeit(ref_step, max(3, args.repeats // 3))
         row["step_speedup"] = row["ref_step_masks_s"] / row["ours_step_masks_s"]
     return row
 
@@ -211,6 +238,12 @@ def main(argv=None):
                     r["search_peak_temp_MiB_largest_layer"],
                 )
             )
+        )
+    print("\nper-step breakdown (ms): model | fwd masks only | bwd masks only | one column gather")
+    for r in rows:
+        print(
+            f"{r['model']} | {1e3 * r['ours_fwd_only_s']:.1f} | {1e3 * r['ours_bwd_only_s']:.1f}"
+            f" | {1e3 * r['one_column_gather_s']:.1f}"
         )
     print(
         f"\n{anchor['what']}: ours {anchor['ours_s']:.3f} s"
