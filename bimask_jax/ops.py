@@ -29,12 +29,29 @@ def _check_backend(backend):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _masked(kernel, mask, dtype):
+def masked_kernel(kernel, mask, dtype):
+    """``kernel * mask`` cast to ``dtype`` (a select: a NaN in a dropped entry does not leak)."""
     return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)).astype(dtype)
 
 
 def _srste_term(kernel, fwd, decay):
     return decay * jnp.where(fwd, jnp.zeros((), kernel.dtype), kernel)
+
+
+def dense_weight_grad(x, kernel, fwd, g, decay, precision=None):
+    """``x^T g + decay * (1 - fwd) * kernel`` over all batch axes of ``x (..., K)``, ``g (..., C)``;
+    in ``kernel.dtype``. Shared by every backend of :func:`sparse_dense`.
+
+    ``x^T g`` is taken as the transpose of ``x @ w`` in ``w`` (``jax.vjp`` carries the arguments'
+    sharding types: with a batch-sharded ``x`` the contraction is a cross-device sum).
+    """
+    dtype = g.dtype
+    _, vjp_w = jax.vjp(
+        lambda w_: jnp.matmul(x.astype(dtype), w_, precision=precision), kernel.astype(dtype)
+    )
+    (dw,) = vjp_w(g)
+    dw = dw.astype(jnp.float32) + _srste_term(kernel, fwd, decay).astype(jnp.float32)
+    return dw.astype(kernel.dtype)
 
 
 # ----------------------------------------------------------------------------------------- dense
@@ -43,7 +60,7 @@ def _srste_term(kernel, fwd, decay):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _sparse_dense(x, kernel, fwd, bwd, decay, precision):
     dtype = jnp.result_type(x, kernel)
-    return jnp.matmul(x.astype(dtype), _masked(kernel, fwd, dtype), precision=precision)
+    return jnp.matmul(x.astype(dtype), masked_kernel(kernel, fwd, dtype), precision=precision)
 
 
 def _sparse_dense_fwd(x, kernel, fwd, bwd, decay, precision):
@@ -53,15 +70,9 @@ def _sparse_dense_fwd(x, kernel, fwd, bwd, decay, precision):
 def _sparse_dense_bwd(decay, precision, res, g):
     x, kernel, fwd, bwd = res
     dtype = g.dtype
-    dx = jnp.matmul(g, _masked(kernel, bwd, dtype).T, precision=precision).astype(x.dtype)
-    # x^T g over all batch axes, as the transpose of the product in the kernel (jax.vjp carries the
-    # arguments' sharding types: with a batch-sharded x the contraction is a cross-device sum).
-    _, vjp_w = jax.vjp(
-        lambda w_: jnp.matmul(x.astype(dtype), w_, precision=precision), kernel.astype(dtype)
-    )
-    (dw,) = vjp_w(g)
-    dw = dw.astype(jnp.float32) + _srste_term(kernel, fwd, decay).astype(jnp.float32)
-    return dx, dw.astype(kernel.dtype), None, None
+    dx = jnp.matmul(g, masked_kernel(kernel, bwd, dtype).T, precision=precision).astype(x.dtype)
+    dw = dense_weight_grad(x, kernel, fwd, g, decay, precision)
+    return dx, dw, None, None
 
 
 _sparse_dense.defvjp(_sparse_dense_fwd, _sparse_dense_bwd)
@@ -136,7 +147,7 @@ def _conv(x, w, strides, padding, lhs_dilation, rhs_dilation, precision):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _sparse_conv(x, kernel, fwd, bwd, decay, cfg):
     dtype = jnp.result_type(x, kernel)
-    return _conv(x.astype(dtype), _masked(kernel, fwd, dtype), *cfg)
+    return _conv(x.astype(dtype), masked_kernel(kernel, fwd, dtype), *cfg)
 
 
 def _sparse_conv_fwd(x, kernel, fwd, bwd, decay, cfg):
@@ -149,7 +160,9 @@ def _sparse_conv_bwd(decay, cfg, res, g):
     # The transposed convolutions, by autodiff of the (linear) conv in each argument; under jit the
     # primal convs that jax.vjp also builds are dead code. (jax.vjp rather than linear_transpose:
     # it carries the arguments' sharding types, which Explicit mesh axes require.)
-    _, vjp_x = jax.vjp(lambda x_: _conv(x_, _masked(kernel, bwd, dtype), *cfg), x.astype(dtype))
+    _, vjp_x = jax.vjp(
+        lambda x_: _conv(x_, masked_kernel(kernel, bwd, dtype), *cfg), x.astype(dtype)
+    )
     _, vjp_w = jax.vjp(lambda w_: _conv(x.astype(dtype), w_, *cfg), kernel.astype(dtype))
     (dx,) = vjp_x(g)
     (dw,) = vjp_w(g)

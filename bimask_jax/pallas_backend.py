@@ -27,10 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from bimask_jax._checks import is_concrete
-
-
-def _masked(kernel, mask, dtype):
-    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)).astype(dtype)
+from bimask_jax.ops import dense_weight_grad
+from bimask_jax.ops import masked_kernel as _masked
 
 
 def is_24(mask, axis: int) -> jax.Array:
@@ -103,12 +101,7 @@ def _sparse_dense_fwd(x, kernel, fwd, bwd, perm, decay, precision):
 def _sparse_dense_bwd(decay, precision, res, g):
     x, kernel, fwd, bwd, perm = res
     dx = backward_data_product(g, kernel, bwd, perm, precision=precision).astype(x.dtype)
-    k, c = kernel.shape
-    x2 = x.reshape(-1, k).astype(g.dtype)
-    g2 = g.reshape(-1, c)
-    dw = jnp.matmul(x2.T, g2, precision=precision, preferred_element_type=jnp.float32)
-    srste = decay * jnp.where(fwd, jnp.zeros((), kernel.dtype), kernel)
-    dw = (dw + srste.astype(jnp.float32)).astype(kernel.dtype)
+    dw = dense_weight_grad(x, kernel, fwd, g, decay, precision)
     return dx, dw, None, None, None
 
 
@@ -148,5 +141,12 @@ def sparse_conv_1x1(x, kernel, fwd, bwd, decay: float, cfg, perm=None):
     precision = cfg[4]
     sl = (slice(None), *(slice(None, None, s) for s in strides), slice(None))
     cin, c = kernel.shape[-2:]
-    return sparse_dense(x[sl], kernel.reshape(cin, c), fwd.reshape(cin, c), bwd.reshape(cin, c),
-                        decay, perm, precision)
+    return sparse_dense(
+        x[sl],
+        kernel.reshape(cin, c),
+        fwd.reshape(cin, c),
+        bwd.reshape(cin, c),
+        decay,
+        perm,
+        precision,
+    )

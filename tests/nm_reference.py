@@ -64,3 +64,14 @@ def best_block_value(block, n):
     """The largest sum of |block| kept by any pattern with exactly n ones per row and column."""
     pats = valid_block_patterns(n, block.shape[0])
     return float((np.abs(block)[None] * pats).sum((1, 2)).max())
+
+
+def top2_of_4(w, axis):
+    """Vectorized 2:4 rule: keep the 2 largest |w| of every 4 consecutive entries along axis; ties:
+    lower index."""
+    a = np.moveaxis(np.asarray(w, np.float32), axis, -1)
+    g = np.abs(a.reshape(*a.shape[:-1], -1, 4))
+    order = np.argsort(-g, axis=-1, kind="stable")[..., :2]
+    keep = np.zeros(g.shape, bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return np.moveaxis(keep.reshape(a.shape), -1, axis)

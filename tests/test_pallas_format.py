@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import compress, decompress, top2_mask
+from tests.nm_reference import top2_of_4
 
-
-def np_top2(w, axis):
-    """NumPy rule: keep the 2 largest |w| of every 4 along axis, ties to the lower index."""
-    a = np.moveaxis(np.asarray(w, np.float32), axis, -1)
-    g = np.abs(a.reshape(*a.shape[:-1], -1, 4))
-    order = np.argsort(-g, axis=-1, kind="stable")[..., :2]
-    keep = np.zeros(g.shape, bool)
-    np.put_along_axis(keep, order, True, axis=-1)
-    return np.moveaxis(keep.reshape(a.shape), -1, axis)
+np_top2 = top2_of_4
 
 
 def np_compress(w, axis):
@@ -27,7 +20,7 @@ def np_compress(w, axis):
     meta = np.zeros((-(-k // 8), flat.shape[1]), np.uint8)
     for col in range(flat.shape[1]):
         for g in range(k // 4):
-            grp = flat[4 * g:4 * g + 4, col]
+            grp = flat[4 * g : 4 * g + 4, col]
             pos = [p for p in range(4) if grp[p] != 0]
             pos += [p for p in range(4) if p not in pos][: 2 - len(pos)]
             i0, i1 = sorted(pos)
@@ -36,8 +29,10 @@ def np_compress(w, axis):
         if (k // 4) % 2:
             meta[-1, col] |= 0b0100 << 4
     rest = a.shape[1:]
-    return (np.moveaxis(vals.reshape(k // 2, *rest), 0, axis),
-            np.moveaxis(meta.reshape(-1, *rest), 0, axis))
+    return (
+        np.moveaxis(vals.reshape(k // 2, *rest), 0, axis),
+        np.moveaxis(meta.reshape(-1, *rest), 0, axis),
+    )
 
 
 def sparse_random(rng, shape, axis, dtype=np.float32):
@@ -45,8 +40,9 @@ def sparse_random(rng, shape, axis, dtype=np.float32):
     return (w * np_top2(w, axis)).astype(dtype)
 
 
-@pytest.mark.parametrize("shape,axis", [((12, 5), 0), ((3, 20), 1), ((16, 2, 3), 0),
-                                        ((2, 3, 8), -1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((12, 5), 0), ((3, 20), 1), ((16, 2, 3), 0), ((2, 3, 8), -1)]
+)
 def test_compress_matches_numpy_layout_and_roundtrips(shape, axis):
     rng = np.random.default_rng(0)
     w = sparse_random(rng, shape, axis)
@@ -64,20 +60,21 @@ def test_bf16_bytes_at_most_0_5625_of_dense():
     values, meta = compress(w, 0)
     ratio = (values.nbytes + meta.nbytes) / w.nbytes
     assert ratio == pytest.approx(0.5625)
-    np.testing.assert_array_equal(np.asarray(decompress(values, meta, 0), np.float32),
-                                  np.asarray(w, np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(decompress(values, meta, 0), np.float32), np.asarray(w, np.float32)
+    )
 
 
 def test_groups_with_fewer_than_two_nonzeros_get_distinct_padded_slots():
     w = np.zeros((8, 3), np.float32)
-    w[3, 0] = 2.0          # one nonzero at position 3 -> slots (0, 3)
-    w[4:8, 1] = 0.0        # column 1 all zero -> slots (0, 1) in both groups
-    w[1, 2], w[2, 2] = 1.5, -0.5   # two nonzeros at (1, 2)
+    w[3, 0] = 2.0  # one nonzero at position 3 -> slots (0, 3)
+    w[4:8, 1] = 0.0  # column 1 all zero -> slots (0, 1) in both groups
+    w[1, 2], w[2, 2] = 1.5, -0.5  # two nonzeros at (1, 2)
     values, meta = compress(w, 0)
     meta = np.asarray(meta)
     nib = np.stack([meta & 15, meta >> 4], 1).reshape(2, 3)
     assert nib[0, 0] == (0 | 3 << 2) and nib[0, 1] == (0 | 1 << 2) and nib[0, 2] == (1 | 2 << 2)
-    assert ((nib & 3) < (nib >> 2)).all()   # i0 < i1 always: never an undefined nibble
+    assert ((nib & 3) < (nib >> 2)).all()  # i0 < i1 always: never an undefined nibble
     np.testing.assert_array_equal(np.asarray(values)[:2, 0], [0.0, 2.0])
     np.testing.assert_array_equal(np.asarray(decompress(values, meta, 0)), w)
 

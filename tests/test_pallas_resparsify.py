@@ -5,16 +5,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decompress, resparsify
+from tests.nm_reference import top2_of_4
 
-
-def np_top2(w, axis):
-    """Keep the 2 largest |w| of every 4 consecutive entries along axis; ties: lower index."""
-    a = np.moveaxis(np.asarray(w, np.float32), axis, -1)
-    g = np.abs(a.reshape(*a.shape[:-1], -1, 4))
-    order = np.argsort(-g, axis=-1, kind="stable")[..., :2]
-    keep = np.zeros(g.shape, bool)
-    np.put_along_axis(keep, order, True, axis=-1)
-    return np.moveaxis(keep.reshape(a.shape), -1, axis)
+np_top2 = top2_of_4
 
 
 def np_positions_bytes(keep, axis):
@@ -28,10 +21,13 @@ def np_positions_bytes(keep, axis):
     return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("k,c,dtype,blocks", [
-    (20, 12, jnp.float32, dict(block_k=8, block_c=8)),    # K % 8 == 4, C % 8 == 4, 3x2 grid
-    (32, 24, jnp.bfloat16, {}),
-])
+@pytest.mark.parametrize(
+    "k,c,dtype,blocks",
+    [
+        (20, 12, jnp.float32, dict(block_k=8, block_c=8)),  # K % 8 == 4, C % 8 == 4, 3x2 grid
+        (32, 24, jnp.bfloat16, {}),
+    ],
+)
 def test_resparsify_matches_numpy_rules(k, c, dtype, blocks):
     rng = np.random.default_rng(k * c)
     w = rng.uniform(0.1, 1.0, (k, c)) * rng.choice([-1.0, 1.0], (k, c))
@@ -41,19 +37,22 @@ def test_resparsify_matches_numpy_rules(k, c, dtype, blocks):
 
     mf = np_top2(w, 0)
     wf = w * mf
-    keep_b = np_top2(wf[:, perm], 1)                # top-2 along permuted C of W*Mf
-    mb_perm = keep_b & mf[:, perm]                  # AND Mf: the Bi-Mask backward mask
-    out = resparsify(jnp.asarray(w, dtype), jnp.asarray(perm), interpret=True, poison=True,
-                     **blocks)
+    keep_b = np_top2(wf[:, perm], 1)  # top-2 along permuted C of W*Mf
+    mb_perm = keep_b & mf[:, perm]  # AND Mf: the Bi-Mask backward mask
+    out = resparsify(
+        jnp.asarray(w, dtype), jnp.asarray(perm), interpret=True, poison=True, **blocks
+    )
 
     np.testing.assert_array_equal(np.asarray(out.fwd_mask), mf)
     assert mf[0:4, 0].tolist() == [True, True, False, False]
     np.testing.assert_array_equal(
-        np.asarray(decompress(out.fwd_values, out.fwd_meta, 0), np.float32), wf)
+        np.asarray(decompress(out.fwd_values, out.fwd_meta, 0), np.float32), wf
+    )
     np.testing.assert_array_equal(np.asarray(out.fwd_meta), np_positions_bytes(mf, 0))
     np.testing.assert_array_equal(
         np.asarray(decompress(out.bwd_values, out.bwd_meta, 0), np.float32),
-        (w[:, perm] * mb_perm).T)
+        (w[:, perm] * mb_perm).T,
+    )
     np.testing.assert_array_equal(np.asarray(out.bwd_meta), np_positions_bytes(keep_b.T, 0))
     assert out.fwd_values.dtype == dtype and out.bwd_values.dtype == dtype
     assert out.fwd_meta.shape == (-(-k // 8), c) and out.bwd_meta.shape == (-(-c // 8), k)

@@ -5,15 +5,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import compress, decompress, spmm, spmm_bwd_data, spmm_reference
+from tests.nm_reference import top2_of_4
 
-
-def np_top2(w, axis):
-    a = np.moveaxis(np.asarray(w, np.float32), axis, -1)
-    g = np.abs(a.reshape(*a.shape[:-1], -1, 4))
-    order = np.argsort(-g, axis=-1, kind="stable")[..., :2]
-    keep = np.zeros(g.shape, bool)
-    np.put_along_axis(keep, order, True, axis=-1)
-    return np.moveaxis(keep.reshape(a.shape), -1, axis)
+np_top2 = top2_of_4
 
 
 def nonzero_uniform(rng, shape):
@@ -30,8 +24,8 @@ TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, at
 @pytest.mark.parametrize(
     "lead,k,n,dtype,blocks,loads",
     [
-        ((5,), 40, 24, jnp.float32, {}, "strided"),                     # ragged M, K % 8 == 4, N
-        ((2, 3), 64, 20, jnp.bfloat16, {}, "split"),                    # batch axes, bf16
+        ((5,), 40, 24, jnp.float32, {}, "strided"),  # ragged M, K % 8 == 4, N
+        ((2, 3), 64, 20, jnp.bfloat16, {}, "split"),  # batch axes, bf16
         ((33,), 136, 70, jnp.float32, dict(block_m=16, block_n=32, block_k=32), "strided"),
         ((33,), 136, 70, jnp.float32, dict(block_m=16, block_n=32, block_k=32), "split"),
     ],
@@ -52,23 +46,37 @@ def test_spmm_matches_numpy_and_decompress_dot(lead, k, n, dtype, blocks, loads)
     np.testing.assert_allclose(as_f32(y), as_f32(ref_pk), **TOL[dtype])
 
 
-@pytest.mark.parametrize("gather,dtype,loads", [
-    ("xla", jnp.float32, "strided"), ("xla", jnp.bfloat16, "split"),
-    ("kernel", jnp.float32, "split"), ("kernel", jnp.bfloat16, "strided")])
+@pytest.mark.parametrize(
+    "gather,dtype,loads",
+    [
+        ("xla", jnp.float32, "strided"),
+        ("xla", jnp.bfloat16, "split"),
+        ("kernel", jnp.float32, "split"),
+        ("kernel", jnp.bfloat16, "strided"),
+    ],
+)
 def test_bwd_data_is_g_times_masked_kernel_transposed(gather, dtype, loads):
     rng = np.random.default_rng(7)
     k, c, m = 36, 24, 7
     w = nonzero_uniform(rng, (k, c))
     perm = rng.permutation(c).astype(np.int32)
-    mb_perm = np_top2(w[:, perm], 1)          # 2:4 along the permuted output axis
+    mb_perm = np_top2(w[:, perm], 1)  # 2:4 along the permuted output axis
     mb = np.zeros_like(mb_perm)
     mb[:, perm] = mb_perm
     wb = jnp.asarray(w * mb, dtype)
     g = jnp.asarray(nonzero_uniform(rng, (m, c)), dtype)
     values_t, meta_t = compress(wb[:, perm].T, 0)
     np.testing.assert_array_equal(as_f32(decompress(values_t, meta_t, 0)), as_f32(wb)[:, perm].T)
-    dx = spmm_bwd_data(g, values_t, meta_t, perm, gather=gather, interpret=True, loads=loads,
-                       out_init=jnp.full((m, k), jnp.nan, dtype))
+    dx = spmm_bwd_data(
+        g,
+        values_t,
+        meta_t,
+        perm,
+        gather=gather,
+        interpret=True,
+        loads=loads,
+        out_init=jnp.full((m, k), jnp.nan, dtype),
+    )
     assert dx.shape == (m, k) and dx.dtype == dtype
     np.testing.assert_allclose(as_f32(dx), as_f32(g) @ as_f32(wb).T, **TOL[dtype])
 
