@@ -49,33 +49,31 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bimask_jax as bj  # noqa: E402
+from benchmarks.layer_shapes import (  # noqa: E402
+    as_matrix,
+    deit_small_sparse_kernels,
+    resnet50_sparse_layers,
+)
 
 
 def resnet50_layers() -> list[tuple[str, tuple[int, int]]]:
-    """``(group, (K, C))`` of the 52 sparse ResNet-50 layers (bottleneck v1.5; the 7x7 stem and the
-    fc layer stay dense): per block conv1 1x1, conv2 3x3, conv3 1x1, plus the projection shortcut
-    of each stage's first block. K = kh * kw * Cin."""
-    out, cin = [], 64
-    for stage, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
-        for b in range(blocks):
-            group = f"resnet50/stage{stage}"
-            out += [(group, (cin, width)), (group, (9 * width, width)), (group, (width, 4 * width))]
-            if b == 0:
-                out.append((group, (cin, 4 * width)))
-            cin = 4 * width
-    return out
+    """``(group, (K, C))`` of the 52 sparse ResNet-50 layers, grouped by stage."""
+    return [(f"resnet50/stage{st}", as_matrix(shape)) for st, shape in resnet50_sparse_layers()]
 
 
 def deit_small_layers(blocks: int) -> list[tuple[str, tuple[int, int]]]:
     """``(group, (in, out))`` of DeiT-Small's sparse layers (dim 384, MLP 1536)."""
-    kinds = [("qkv", (384, 1152)), ("proj", (384, 384)), ("fc1", (384, 1536)), ("fc2", (1536, 384))]
-    return [(f"deit_s/{name}", shape) for _ in range(blocks) for name, shape in kinds]
+    kinds = ("qkv", "proj", "fc1", "fc2")
+    shapes = deit_small_sparse_kernels(depth=blocks)
+    return [(f"deit_s/{kinds[i % 4]}", shape) for i, shape in enumerate(shapes)]
 
 
 def random_kernels(layers, seed: int):
     rng = np.random.default_rng(seed)
-    return [(g, f"{g}/{i}", rng.standard_normal(s).astype(np.float32)) for i, (g, s) in
-            enumerate(layers)]
+    return [
+        (g, f"{g}/{i}", rng.standard_normal(s).astype(np.float32))
+        for i, (g, s) in enumerate(layers)
+    ]
 
 
 def trained_kernels(path: str, m: int):
@@ -205,7 +203,8 @@ def summarize(rows, names):
         if all("optimum" in r for r in rs):
             opt = sum(r["optimum"] for r in rs)
             table[g]["optimum"] = {
-                "retained": opt / kept, "efficacy": float(bj.search_efficacy(opt, ident, upper))
+                "retained": opt / kept,
+                "efficacy": float(bj.search_efficacy(opt, ident, upper)),
             }
         for name in ["identity", *names]:
             s = sum(r[name]["score"] for r in rs)
@@ -221,20 +220,28 @@ def print_table(table, names, stream=sys.stdout):
     cols = ["identity", *names]
     head = f"{'group':<22}{'L':>3} {'upper':>6} " + " ".join(f"{c:>24}" for c in cols)
     print(head, file=stream)
-    print(f"{'':<22}{'':>3} {'ret%':>6} " + " ".join(f"{'ret% / eff / ms':>24}" for _ in cols),
-          file=stream)
+    print(
+        f"{'':<22}{'':>3} {'ret%':>6} " + " ".join(f"{'ret% / eff / ms':>24}" for _ in cols),
+        file=stream,
+    )
     for g, t in table.items():
         cells = [
             f"{100 * t[c]['retained']:6.2f} /{t[c]['efficacy']:6.3f} /{1e3 * t[c]['time_s']:7.1f}"
             for c in cols
         ]
-        print(f"{g:<22}{t['layers']:>3} {100 * t['upper_retained']:6.2f} " + " ".join(
-            f"{x:>24}" for x in cells), file=stream)
+        print(
+            f"{g:<22}{t['layers']:>3} {100 * t['upper_retained']:6.2f} "
+            + " ".join(f"{x:>24}" for x in cells),
+            file=stream,
+        )
     for g, t in table.items():
         if "optimum" in t:
-            print(f"{g}: exhaustive optimum over all partitions: retained "
-                  f"{100 * t['optimum']['retained']:.2f}%, efficacy "
-                  f"{t['optimum']['efficacy']:.3f}", file=stream)
+            print(
+                f"{g}: exhaustive optimum over all partitions: retained "
+                f"{100 * t['optimum']['retained']:.2f}%, efficacy "
+                f"{t['optimum']['efficacy']:.3f}",
+                file=stream,
+            )
 
 
 def main(argv=None):
@@ -247,15 +254,23 @@ def main(argv=None):
     p.add_argument("--m", type=int, default=4)
     p.add_argument("--stripe-iterations", type=int, nargs="+", default=[100])
     p.add_argument("--swap", type=int, nargs="*", default=[], help="swap iteration budgets")
-    p.add_argument("--stripe-kick-iterations", type=int, nargs="*", default=[],
-                   help="stripe budgets to also run with kicks (see --kick)")
+    p.add_argument(
+        "--stripe-kick-iterations",
+        type=int,
+        nargs="*",
+        default=[],
+        help="stripe budgets to also run with kicks (see --kick)",
+    )
     p.add_argument("--kick", type=int, nargs="*", default=[8], help="kick sizes for those")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--repeats-1000", type=int, default=1)
     p.add_argument("--deit-blocks", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exhaustive", action="store_true",
-                   help="also the exact optimum of layers with C <= 16 (all partitions)")
+    p.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="also the exact optimum of layers with C <= 16 (all partitions)",
+    )
     p.add_argument("--out", default=os.path.join(here, "results", "search.json"))
     args = p.parse_args(argv)
 
@@ -278,26 +293,48 @@ def main(argv=None):
     key = jax.random.key(args.seed)
     t0 = time.time()
     for i, (group, name, w) in enumerate(kernels):
-        row = bench_layer(w, args.n, args.m, methods, args.repeats, jax.random.fold_in(key, i),
-                          args.exhaustive)
+        row = bench_layer(
+            w, args.n, args.m, methods, args.repeats, jax.random.fold_in(key, i), args.exhaustive
+        )
         row.update(group=group, name=name)
         rows.append(row)
-        print(f"[{time.time() - t0:6.0f}s] {name} {tuple(w.shape)} " + " ".join(
-            f"{k}={row[k]['score']}" for k in ["identity", *names]), file=sys.stderr, flush=True)
+        print(
+            f"[{time.time() - t0:6.0f}s] {name} {tuple(w.shape)} "
+            + " ".join(f"{k}={row[k]['score']}" for k in ["identity", *names]),
+            file=sys.stderr,
+            flush=True,
+        )
     table = summarize(rows, names)
-    print(f"{args.n}:{args.m}; times: median of {args.repeats} interleaved calls "
-          f"(random-1000: {args.repeats_1000}), summed over the group's layers")
+    print(
+        f"{args.n}:{args.m}; times: median of {args.repeats} interleaved calls "
+        f"(random-1000: {args.repeats_1000}), summed over the group's layers"
+    )
     print_table(table, names)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({
-            "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]
-                                            if argv is None else ["benchmarks/search.py", *argv]),
-            "n": args.n, "m": args.m, "trained": args.trained, "trained_note": args.trained_note,
-            "jax": jax.__version__, "device": str(jax.devices()[0]),
-            "machine": platform.platform(), "cpus": os.cpu_count(),
-            "methods": names, "groups": table, "layers": rows,
-        }, f, indent=1)
+        json.dump(
+            {
+                "command": "python "
+                + " ".join(
+                    [os.path.relpath(__file__)] + sys.argv[1:]
+                    if argv is None
+                    else ["benchmarks/search.py", *argv]
+                ),
+                "n": args.n,
+                "m": args.m,
+                "trained": args.trained,
+                "trained_note": args.trained_note,
+                "jax": jax.__version__,
+                "device": str(jax.devices()[0]),
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "methods": names,
+                "groups": table,
+                "layers": rows,
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
 
 
