@@ -99,3 +99,17 @@ def test_default_search_is_stripe_for_small_m_and_random_otherwise():
     assert SparseConfig(search="random").search == "random"
     with pytest.raises(ValueError, match="search must be 'auto' or one of"):
         SparseConfig(search="greedy")
+
+
+def test_summary_reports_search_efficacy():
+    model, v = _model(num_candidates=50)
+    new = bf.refresh(jax.random.key(2), model, v)
+    rows = {r["path"]: r for r in bf.summary(model, {**v, "bimask": new}, print_fn=None)}
+    w = np.asarray(v["params"]["conv"]["kernel"]).reshape(-1, 16)
+    f = ref.nm_mask(w, 2, 4, axis=0)
+    ident = ref.backward_mask(w, f, np.arange(16), 2, 4).sum()
+    got = ref.backward_mask(w, f, np.asarray(new["conv"]["perm"]), 2, 4).sum()
+    upper = np.minimum(f.sum(1), 2 * 16 // 4).sum()
+    assert got > ident
+    assert rows["conv"]["efficacy"] == pytest.approx((got - ident) / (upper - ident))
+    assert rows["head"]["efficacy"] is None  # srste fallback: no permutation

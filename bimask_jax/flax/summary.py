@@ -12,9 +12,20 @@ from bimask_jax.flax import linen as _linen
 from bimask_jax.flax import nnx as _nnx
 from bimask_jax.flax.layer import stacked_masks
 from bimask_jax.flax.state import config_of, entries, is_linen, nnx_view
+from bimask_jax.permutation import retained_upper_bound, search_efficacy
 
-_COLUMNS = ("path", "kind", "kernel_shape", "status", "method", "fwd_density", "bwd_density",
-            "bwd_retained", "note")
+_COLUMNS = (
+    "path",
+    "kind",
+    "kernel_shape",
+    "status",
+    "method",
+    "fwd_density",
+    "bwd_density",
+    "bwd_retained",
+    "efficacy",
+    "note",
+)
 
 
 def _stats(e, n: int, m: int) -> dict:
@@ -22,8 +33,19 @@ def _stats(e, n: int, m: int) -> dict:
     fwd, bwd = stacked_masks(e["kernel"], e["perm"], n, m, e["method"])
     f = int(jnp.sum(fwd))
     b = int(jnp.sum(bwd))
-    return dict(fwd_density=f / fwd.size, bwd_density=b / bwd.size,
-                bwd_retained=(b / f) if f else 0.0)
+    out = dict(
+        fwd_density=f / fwd.size,
+        bwd_density=b / bwd.size,
+        bwd_retained=(b / f) if f else 0.0,
+        efficacy=None,
+    )
+    if e["method"] == "bimask":
+        c = fwd.shape[-1]
+        # identity permutation: groups are m consecutive columns
+        ident = int(jnp.minimum(fwd.reshape(-1, c // m, m).sum(-1), n).sum())
+        upper = int(retained_upper_bound(fwd.reshape(-1, c), n, m))
+        out["efficacy"] = float(search_efficacy(b, ident, upper))
+    return out
 
 
 def _kernel_shape(params, path):
@@ -50,12 +72,19 @@ def _linen_rows(model, variables, sample_args, sample_kwargs):
         info = rec.layers.get(p, {})
         e = ents.get(p)
         path = tuple(p.split("/")) if p else ()
-        row = dict(path=p, kind=info.get("kind", "?"),
-                   kernel_shape=_kernel_shape(variables.get("params", {}), path) or
-                   info.get("kernel_shape"))
+        row = dict(
+            path=p,
+            kind=info.get("kind", "?"),
+            kernel_shape=_kernel_shape(variables.get("params", {}), path)
+            or info.get("kernel_shape"),
+        )
         if e is not None:
-            row.update(status="sparse", method=e["method"], note=info.get("reason", ""),
-                       **_stats(e, cfg.n, cfg.m))
+            row.update(
+                status="sparse",
+                method=e["method"],
+                note=info.get("reason", ""),
+                **_stats(e, cfg.n, cfg.m),
+            )
         else:
             row.update(status="skipped", method="", note=info.get("reason", ""))
         rows.append(row)
@@ -67,21 +96,32 @@ def _nnx_rows(model, state):
     ents = {e["path"]: e for e in entries(view)}
     rows = []
     for path, layer, op in _nnx.candidate_layers(view):
-        row = dict(path=_nnx.path_str(path), kind=type(layer).__name__,
-                   kernel_shape=tuple(layer.kernel.shape))
+        row = dict(
+            path=_nnx.path_str(path),
+            kind=type(layer).__name__,
+            kernel_shape=tuple(layer.kernel.shape),
+        )
         if op is not None:
             e = ents[path]
-            row.update(status="sparse", method=op.method, note=op.note,
-                       **_stats(e, op.config.n, op.config.m))
+            row.update(
+                status="sparse",
+                method=op.method,
+                note=op.note,
+                **_stats(e, op.config.n, op.config.m),
+            )
         else:
-            row.update(status="skipped", method="",
-                       note=getattr(layer, _nnx.SKIP_ATTR, "not processed by bimask_jax.sparse"))
+            row.update(
+                status="skipped",
+                method="",
+                note=getattr(layer, _nnx.SKIP_ATTR, "not processed by bimask_jax.sparse"),
+            )
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table of :func:`summary` rows."""
+
     def cell(r, k):
         v = r.get(k)
         if v is None:
@@ -94,7 +134,9 @@ def format_table(rows: list[dict]) -> str:
 
     table = [list(_COLUMNS)] + [[cell(r, k) for k in _COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -117,7 +159,10 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
       ``kind``, ``kernel_shape`` (with stack axes of scanned layers), ``status`` (``"sparse"`` or
       ``"skipped"``), ``method`` (effective method), ``note`` (skip reason or fallback), and for
       sparse layers ``fwd_density`` (fraction of kernel entries kept by the forward mask),
-      ``bwd_density`` and ``bwd_retained`` (backward-mask entries over forward-mask entries).
+      ``bwd_density`` and ``bwd_retained`` (backward-mask entries over forward-mask entries), and
+      for ``"bimask"`` layers ``efficacy``: the share of the possible gain over the identity
+      permutation that the layer's permutation achieved (``search_efficacy``; 1.0 when the
+      identity is already optimal).
     """
     config_of(model)  # validates the model type
     if is_linen(model):
