@@ -86,6 +86,11 @@ def test_cifar_script_every_method(method, tree, tmp_path, dense_run):
     assert out["step"] == 6 and out["epochs_done"] == 2 and out["method"] == method
     assert 0.0 <= out["final_top1"] <= 100.0 and out["final_top5"] == 100.0  # 3 classes
     lines = _lines(run_dir)
+    sparsity = [x for x in lines if x["type"] == "sparsity"]  # per-epoch, Bi-Mask runs only
+    lines = [x for x in lines if x["type"] != "sparsity"]
+    assert len(sparsity) == (2 if method == "bimask" else 0)
+    for x in sparsity:  # mean retained fraction of the backward masks: in (0, 1]
+        assert 0.0 < x["retained"] <= 1.0 and 0.0 <= x["efficacy"] <= 1.0
     assert [x["type"] for x in lines] == (["train"] * 3 + ["eval"]) * 2 + ["summary"]
     assert lines[3]["count"] == 6  # every val image counted once (batch padded 6 -> 8)
     assert all(np.isfinite(x["loss"]) for x in lines[:-1])

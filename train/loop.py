@@ -434,6 +434,18 @@ def _export(hooks: SparseHooks, module, variables, run_dir: str, cfg, data: Data
                     rows_sharding)["top1"]
 
 
+def _mean_sparsity(hooks: SparseHooks, state) -> dict:
+    """Mean over the Bi-Mask layers of the backward mask's retained fraction and of the search
+    efficacy (``bimask_jax.summary``), for the per-epoch ``sparsity`` line of metrics.jsonl."""
+    variables = {"params": state["params"], **state["model_state"]}
+    rows = [r for r in hooks.summary(hooks.model, variables, print_fn=None)
+            if r.get("status") == "sparse" and r.get("method") == "bimask"]
+    if not rows:
+        return {"retained": None, "efficacy": None}
+    return {"retained": float(np.mean([r["bwd_retained"] for r in rows])),
+            "efficacy": float(np.mean([r["efficacy"] for r in rows]))}
+
+
 def default_run_dir(script: str, cfg) -> str:
     return os.path.join("runs", f"{script}-{cfg.arch}-{cfg.method}")
 
@@ -565,6 +577,9 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
             is_best = last_eval["top1"] > best_top1
             best_top1 = max(best_top1, last_eval["top1"])
             log.record("eval", step=int(epoch * spe), epoch=epoch, **last_eval)
+            if hooks.summary is not None and hooks.method == "bimask":
+                log.record("sparsity", step=int(epoch * spe), epoch=epoch,
+                           **_mean_sparsity(hooks, state))
             log.print(f"epoch {epoch}/{cfg.epochs}: val top-1 {last_eval['top1']:.2f}% "
                       f"top-5 {last_eval['top5']:.2f}% loss {last_eval['loss']:.4f} "
                       f"(best top-1 {best_top1:.2f}%)")

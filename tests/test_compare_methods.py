@@ -1,0 +1,51 @@
+"""The data preparation and summary of benchmarks/compare_methods.py (no training here)."""
+
+import os
+import tarfile
+
+import pytest
+
+from benchmarks import compare_methods as cm
+
+
+def _tree(root, split, classes, per_class):
+    for c in classes:
+        os.makedirs(os.path.join(root, split, c))
+        for i in range(per_class):
+            with open(os.path.join(root, split, c, f"{i:04d}.jpg"), "wb") as f:
+                f.write(b"x")
+
+
+def test_extract_and_subset(tmp_path):
+    src = tmp_path / "src" / "cifar10"
+    _tree(str(src), "train", ["cat", "dog"], 5)
+    _tree(str(src), "test", ["cat", "dog"], 3)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src, arcname="cifar10")
+    work = tmp_path / "work"
+    root = cm.extracted_root(str(archive), str(work))
+    assert sorted(os.listdir(os.path.join(root, "train"))) == ["cat", "dog"]
+    sub = cm.subset_tree(root, str(work), 2, 1)
+    assert sorted(os.listdir(os.path.join(sub, "train", "cat"))) == ["0000.jpg", "0001.jpg"]
+    assert os.listdir(os.path.join(sub, "val", "dog")) == ["0000.jpg"]
+    assert os.path.islink(os.path.join(sub, "train", "cat", "0000.jpg"))
+    assert cm.extracted_root(str(archive), str(work)) == root  # extracted once
+    with pytest.raises(ValueError, match="neither a directory nor a tar archive"):
+        cm.extracted_root(str(tmp_path / "missing.tar.gz"), str(work))
+
+
+def test_summary_table_mean_and_spread():
+    rows = [
+        {
+            "nm": "2:4",
+            "method": "bimask",
+            "final_top1": f,
+            "best_top1": f + 1,
+            "retained": 0.8,
+            "seconds": 60.0,
+        }
+        for f in (70.0, 72.0)
+    ]
+    table = cm.summarize(rows)
+    assert "| 2:4 | bimask | 2 | 71.00 ± 1.41 | 72.00 | 70.00-72.00 | 0.8000 | 1.0 |" in table
