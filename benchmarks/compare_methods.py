@@ -123,47 +123,45 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], prefix: str) -> list[str]:
+def _line_plot(rows: list[dict], curve: str, value: str, ylabel: str, path: str) -> str:
+    """One line per run: ``row[curve]`` entries' ``value`` against their epoch, saved to path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         ax.plot(
-            [e["epoch"] for e in r["curve"]],
-            [e["top1"] for e in r["curve"]],
+            [e["epoch"] for e in r[curve]],
+            [e[value] for e in r[curve]],
             label=f"{r['method']} {r['nm']} s{r['seed']}",
             alpha=0.8,
         )
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    paths.append(prefix + "_top1.png")
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def plot(rows: list[dict], prefix: str) -> list[str]:
+    """Test top-1 per epoch for every run; retained fraction per epoch for the Bi-Mask runs."""
+    paths = [_line_plot(rows, "curve", "top1", "test top-1 (%)", prefix + "_top1.png")]
     bim = [r for r in rows if r["retained_curve"]]
     if bim:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in bim:
-            ax.plot(
-                [e["epoch"] for e in r["retained_curve"]],
-                [e["retained"] for e in r["retained_curve"]],
-                label=f"{r['method']} {r['nm']} s{r['seed']}",
-                alpha=0.8,
+        paths.append(
+            _line_plot(
+                bim,
+                "retained_curve",
+                "retained",
+                "backward mask: retained fraction of forward-kept weights",
+                prefix + "_retained.png",
             )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("backward mask: retained fraction of forward-kept weights")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        paths.append(prefix + "_retained.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        )
     return paths
 
 
