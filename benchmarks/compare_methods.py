@@ -124,24 +124,36 @@ def summarize(rows: list[dict]) -> str:
 
 
 def _line_plot(rows: list[dict], curve: str, value: str, ylabel: str, path: str) -> str:
-    """One line per run: ``row[curve]`` entries' ``value`` against their epoch, saved to path."""
+    """``row[curve]`` entries' ``value`` against their epoch, one panel per N:M (dense, which has
+    no N:M, in every panel); a colour per method, a line style per seed. Saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.plot(
-            [e["epoch"] for e in r[curve]],
-            [e[value] for e in r[curve]],
-            label=f"{r['method']} {r['nm']} s{r['seed']}",
-            alpha=0.8,
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    nms = sorted({r["nm"] for r in rows if r["method"] != "dense"}) or ["2:4"]
+    colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, len(nms), figsize=(6.5 * len(nms), 4.5), squeeze=False)
+    for ax, nm in zip(axes[0], nms, strict=True):
+        for r in rows:
+            if r["nm"] != nm and r["method"] != "dense":
+                continue
+            ax.plot(
+                [e["epoch"] for e in r[curve]],
+                [e[value] for e in r[curve]],
+                color=colours.get(r["method"], "k"),
+                linestyle=styles[r["seed"] % len(styles)],
+                marker="o",
+                markersize=3,
+                label=f"{r['method']} s{r['seed']}",
+                alpha=0.85,
+            )
+        ax.set_title(f"N:M = {nm}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -49,3 +49,27 @@ def test_summary_table_mean_and_spread():
     ]
     table = cm.summarize(rows)
     assert "| 2:4 | bimask | 2 | 71.00 ± 1.41 | 72.00 | 70.00-72.00 | 0.8000 | 1.0 |" in table
+
+
+def test_plots_one_panel_per_nm(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    def row(method, nm, seed, retained):
+        return {
+            "method": method,
+            "nm": nm,
+            "seed": seed,
+            "curve": [{"epoch": 1, "top1": 50.0}, {"epoch": 2, "top1": 60.0}],
+            "retained_curve": [{"epoch": 1, "retained": retained}] if retained else [],
+        }
+
+    rows = [
+        row("dense", "2:4", 0, None),
+        row("bimask", "2:4", 0, 0.8),
+        row("srste", "1:4", 0, None),
+    ]
+    paths = cm.plot(rows, str(tmp_path / "cmp"))
+    assert [os.path.basename(p) for p in paths] == ["cmp_top1.png", "cmp_retained.png"]
+    top1, retained = (Image.open(p).size for p in paths)
+    assert top1[0] > 1.8 * retained[0]  # two N:M panels (1:4, 2:4) against one
