@@ -195,7 +195,16 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--plots", action="store_true")
     args = p.parse_args(argv)
 
-    from train import cifar  # after argument checks: imports JAX
+    import jax  # after the argument checks: importing JAX takes seconds
+
+    from train import cifar
+
+    dev = jax.devices()[0]  # named in every row: "NVIDIA H100 80GB HBM3 x1", "cpu (2 cores)"
+    device = (
+        f"cpu ({os.cpu_count()} cores)"
+        if dev.platform == "cpu"
+        else f"{dev.device_kind} x{jax.device_count()}"
+    )
 
     os.makedirs(args.work_dir, exist_ok=True)
     root = subset_tree(
@@ -255,6 +264,7 @@ def main(argv=None) -> list[dict]:
                     "nm": nm,
                     "seed": seed,
                     "arch": args.arch,
+                    "device": device,
                     "epochs": summary["epochs_done"],
                     "final_top1": summary["final_top1"],
                     "best_top1": summary["best_top1"],
@@ -276,6 +286,8 @@ def main(argv=None) -> list[dict]:
     print(table)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(f"Command: python benchmarks/compare_methods.py {' '.join(sys.argv[1:])}\n\n")
+        devices = sorted({r.get("device", "not recorded") for r in rows})
+        f.write(f"Device: {', '.join(devices)}\n\n")
         f.write(table + "\n")
     if args.plots:
         for path in plot(rows, os.path.splitext(args.out)[0]):
