@@ -99,14 +99,16 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
 
 
 def summarize(rows: list[dict]) -> str:
-    """Markdown table: mean and spread (sample std, min-max) of the final/best top-1 per method."""
+    """Markdown table: mean and spread (sample std, min-max) of the final/best top-1 per method, and
+    the paired difference to dense (same seed: same initialisation and data order), averaged."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["nm"], r["method"]), []).append(r)
+    dense = {r["seed"]: r["final_top1"] for r in rows if r["method"] == "dense"}
     lines = [
         "| N:M | method | seeds | final top-1 (mean ± std) | best top-1 (mean) | min-max final "
-        "| retained (mean) | minutes per run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| final - dense, same seed (mean) | retained (mean) | minutes per run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (nm, method), rs in sorted(groups.items()):
         fin = [r["final_top1"] for r in rs]
@@ -114,11 +116,13 @@ def summarize(rows: list[dict]) -> str:
         std = statistics.stdev(fin) if len(fin) > 1 else 0.0
         ret = [r["retained"] for r in rs if r["retained"] is not None]
         ret_cell = f"{statistics.mean(ret):.4f}" if ret else "-"
+        diffs = [r["final_top1"] - dense[r["seed"]] for r in rs if r["seed"] in dense]
+        diff_cell = "-" if method == "dense" or not diffs else f"{statistics.mean(diffs):+.2f}"
         minutes = statistics.mean(r["seconds"] for r in rs) / 60
         lines.append(
             f"| {nm} | {method} | {len(rs)} | {statistics.mean(fin):.2f} ± {std:.2f} | "
-            f"{statistics.mean(best):.2f} | {min(fin):.2f}-{max(fin):.2f} | {ret_cell} | "
-            f"{minutes:.1f} |"
+            f"{statistics.mean(best):.2f} | {min(fin):.2f}-{max(fin):.2f} | {diff_cell} | "
+            f"{ret_cell} | {minutes:.1f} |"
         )
     return "\n".join(lines)
 

@@ -36,19 +36,25 @@ def test_extract_and_subset(tmp_path):
 
 
 def test_summary_table_mean_and_spread():
-    rows = [
-        {
+    def row(method, seed, final):
+        return {
             "nm": "2:4",
-            "method": "bimask",
-            "final_top1": f,
-            "best_top1": f + 1,
-            "retained": 0.8,
+            "method": method,
+            "seed": seed,
+            "final_top1": final,
+            "best_top1": final + 1,
+            "retained": 0.8 if method == "bimask" else None,
             "seconds": 60.0,
         }
-        for f in (70.0, 72.0)
-    ]
+
+    rows = [row("bimask", 0, 70.0), row("bimask", 1, 72.0), row("dense", 0, 71.0)]
+    rows.append(row("dense", 1, 74.0))
     table = cm.summarize(rows)
-    assert "| 2:4 | bimask | 2 | 71.00 ± 1.41 | 72.00 | 70.00-72.00 | 0.8000 | 1.0 |" in table
+    # paired differences: 70 - 71 and 72 - 74, mean -1.5
+    assert (
+        "| 2:4 | bimask | 2 | 71.00 ± 1.41 | 72.00 | 70.00-72.00 | -1.50 | 0.8000 | 1.0 |" in table
+    )
+    assert "| 2:4 | dense | 2 | 72.50 ± 2.12 | 73.50 | 71.00-74.00 | - | - | 1.0 |" in table
 
 
 def test_plots_one_panel_per_nm(tmp_path):
