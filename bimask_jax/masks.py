@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bimask_jax import cpu_masks
 from bimask_jax._checks import (
     check_divisible,
     check_kernel,
@@ -29,6 +30,7 @@ from bimask_jax._checks import (
 )
 
 METHODS = ("dense", "srste", "transposable", "bimask")
+IMPLS = ("auto", "xla", "cpu_kernel")
 
 # Group sizes up to this use pairwise comparisons (O(m^2), no sort); larger groups use argsort.
 _PAIRWISE_MAX_M = 16
@@ -281,7 +283,29 @@ def transposable_mask(kernel, n: int, m: int):
     return keep
 
 
-def layer_masks(kernel, n: int, m: int, method: str, perm=None):
+def _use_cpu_kernel(impl: str, kernel, m: int) -> bool:
+    """Whether ``layer_masks`` computes a forward/backward mask with :mod:`bimask_jax.cpu_masks`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return False
+    ok = cpu_masks.supports(m, kernel.dtype)
+    if impl == "cpu_kernel":
+        reason = cpu_masks.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"impl='cpu_kernel' but the CPU mask kernel is unavailable: {reason}"
+            )
+        if not ok:
+            raise ValueError(
+                f"impl='cpu_kernel' needs m in (1, 2, 4, 8, 16) and a float32/bfloat16/float16 "
+                f"kernel, got m={m}, dtype {kernel.dtype}"
+            )
+        return True
+    return ok and jax.default_backend() == "cpu" and cpu_masks.available()
+
+
+def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, impl: str = "auto"):
     """The ``(fwd, bwd)`` mask pair that a sparse layer uses for its forward and backward-data products.
 
     Args:
@@ -293,6 +317,12 @@ def layer_masks(kernel, n: int, m: int, method: str, perm=None):
         * ``"transposable"``: ``(T, T)`` with ``T = transposable_mask`` (N:M along both axes).
         * ``"bimask"``: ``(Mf, backward_mask(kernel, Mf, perm))``.
       perm: int ``(C,)`` for ``"bimask"``; ``None`` means the identity permutation.
+      impl: how ``"srste"`` and ``"bimask"`` masks are computed; the result is the same bit for bit.
+        * ``"auto"`` (default): the CPU kernel of :mod:`bimask_jax.cpu_masks` when JAX's default
+          backend is the CPU, the kernel is available (built on first use) and supports ``m`` (a
+          divisor of 16) and the dtype (float32/bfloat16/float16); otherwise ``"xla"``.
+        * ``"xla"``: plain XLA ops (any platform).
+        * ``"cpu_kernel"``: the CPU kernel, or an error saying why it cannot be used.
 
     Returns:
       ``(fwd, bwd)``, bool arrays of ``kernel.shape``.
@@ -307,9 +337,21 @@ def layer_masks(kernel, n: int, m: int, method: str, perm=None):
     if method == "transposable":
         t = transposable_mask(kernel, n, m)
         return t, t
+    n, m = check_nm(n, m)
+    c = kernel.shape[-1] if kernel.ndim else 0
+    _check_layer_kernel(kernel, m, need_output=method == "bimask")
+    if perm is None:
+        perm = jnp.arange(c, dtype=jnp.int32)
+    if method == "bimask":
+        check_perm(perm, c)
+    if _use_cpu_kernel(impl, kernel, m):
+        w2 = kernel.reshape(-1, c)
+        if method == "srste":
+            fwd = cpu_masks.forward_mask_2d(w2, n, m).reshape(kernel.shape)
+            return fwd, fwd
+        fwd, bwd = cpu_masks.fused_masks(w2, jnp.asarray(perm), n, m)
+        return fwd.reshape(kernel.shape), bwd.reshape(kernel.shape)
     fwd = forward_mask(kernel, n, m)
     if method == "srste":
         return fwd, fwd
-    if perm is None:
-        perm = jnp.arange(kernel.shape[-1], dtype=jnp.int32)
     return fwd, backward_mask(kernel, fwd, perm, n, m)
