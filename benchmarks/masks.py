@@ -65,10 +65,13 @@ def load_reference(path: str):
     return mod, torch
 
 
-def model_masks_fn(method: str = "bimask"):
+def model_masks_fn(method: str = "bimask", impl: str = "auto"):
     @jax.jit
     def masks(kernels, perms):
-        return [bj.layer_masks(k, N, M, method, p) for k, p in zip(kernels, perms, strict=True)]
+        return [
+            bj.layer_masks(k, N, M, method, p, impl=impl)
+            for k, p in zip(kernels, perms, strict=True)
+        ]
 
     return masks
 
@@ -100,12 +103,24 @@ def bench_model(name, shapes, ref, torch, args, rng):
     perms = [jnp.asarray(rng.permutation(s[-1]), jnp.int32) for s in shapes]
     row = {"model": name, "layers": len(shapes), "params": int(sum(k.size for k in kernels))}
 
+    # The library's default (impl="auto": the CPU kernel where it is available), then the XLA
+    # formulation that every other platform uses.
+    row["step_impl"] = "cpu_kernel" if bj.cpu_masks.available() else "xla"
     masks = model_masks_fn()
     row["ours_step_masks_s"] = timeit(
         lambda: jax.block_until_ready(masks(kernels, perms)), args.repeats
     )
-    # Where the per-step time goes: forward masks alone, backward masks alone (given the forward
-    # masks), and the floor of any gather-based backward mask: one column gather per layer.
+    srste = model_masks_fn("srste")
+    row["ours_step_srste_s"] = timeit(
+        lambda: jax.block_until_ready(srste(kernels, perms)), args.repeats
+    )
+    masks_xla = model_masks_fn(impl="xla")
+    row["ours_step_masks_xla_s"] = timeit(
+        lambda: jax.block_until_ready(masks_xla(kernels, perms)), args.repeats
+    )
+    # Where the XLA formulation's per-step time goes: forward masks alone, backward masks alone
+    # (given the forward masks), and the floor of any gather-based backward mask: one column gather
+    # per layer.
     fwd_only = jax.jit(lambda ks: [bj.forward_mask(k, N, M) for k in ks])
     fwds = fwd_only(kernels)
     bwd_only = jax.jit(
@@ -164,6 +179,7 @@ def bench_model(name, shapes, ref, torch, args, rng):
 
         row["ref_step_masks_s"] = timeit(ref_step, max(3, args.repeats // 3))
         row["step_speedup"] = row["ref_step_masks_s"] / row["ours_step_masks_s"]
+        row["step_speedup_xla"] = row["ref_step_masks_s"] / row["ours_step_masks_xla_s"]
     return row
 
 
@@ -221,6 +237,9 @@ def main(argv=None):
         "retained random-100",
         "search temp MiB",
     )
+    print(
+        f"ours step = layer_masks(..., 'bimask') for every layer, one jit, impl={rows[0]['step_impl']}"
+    )
     print(" | ".join(hdr))
     for r in rows:
         print(
@@ -239,10 +258,16 @@ def main(argv=None):
                 )
             )
         )
-    print("\nper-step breakdown (ms): model | fwd masks only | bwd masks only | one column gather")
+    print(
+        "\nper step (ms): model | default impl: bimask | default impl: srste (fwd only)"
+        " | XLA: bimask (speed-up) | XLA: fwd masks only | XLA: bwd masks only | one column gather"
+    )
     for r in rows:
+        xla_speed = f" ({r['step_speedup_xla']:.1f}x)" if "step_speedup_xla" in r else ""
         print(
-            f"{r['model']} | {1e3 * r['ours_fwd_only_s']:.1f} | {1e3 * r['ours_bwd_only_s']:.1f}"
+            f"{r['model']} | {1e3 * r['ours_step_masks_s']:.1f} | {1e3 * r['ours_step_srste_s']:.1f}"
+            f" | {1e3 * r['ours_step_masks_xla_s']:.1f}{xla_speed}"
+            f" | {1e3 * r['ours_fwd_only_s']:.1f} | {1e3 * r['ours_bwd_only_s']:.1f}"
             f" | {1e3 * r['one_column_gather_s']:.1f}"
         )
     print(

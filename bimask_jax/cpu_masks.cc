@@ -241,11 +241,13 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& w, const int32_t* p
 
   const int32_t* wi = reinterpret_cast<const int32_t*>(w.typed_data());
   const int64_t tiles = (K + kTile - 1) / kTile;
-  // Chunks of about 256K entries; a kernel smaller than two chunks stays on the calling thread.
-  const int64_t per_chunk = std::max<int64_t>(1, (int64_t{1} << 18) / (kTile * C));
+  // About 4 chunks per thread for balance, but at least 32K entries each (tiny kernels stay on
+  // the calling thread).
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 15) / (kTile * C));
+  const int64_t per_chunk = std::max(min_tiles, (tiles + 4 * threads - 1) / (4 * threads));
   const int64_t chunks = (tiles + per_chunk - 1) / per_chunk;
-  const int helpers = static_cast<int>(
-      std::min<int64_t>(chunks - 1, std::max<int64_t>(0, pool.num_threads() - 1)));
+  const int helpers = static_cast<int>(std::min(chunks - 1, threads - 1));
   run_chunks(pool, chunks, helpers, [=](int64_t chunk) {
     Scratch s(b != nullptr ? C : 0);
     const int64_t end = std::min(tiles, (chunk + 1) * per_chunk);
