@@ -119,6 +119,9 @@ void tile(const int32_t* __restrict w, int64_t C, int R, int n, const int32_t* _
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 L = lanes16(C - c);
     __m512i key[kTile];
+    // 16 row streams are more than the hardware prefetchers keep ahead of: fetch two chunks ahead.
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * C + c + 32), _MM_HINT_T0);
     for (int b = 0; b < kTile; b += M) {
       if (b >= R) {
         for (int t = 0; t < M; ++t) key[b + t] = dropped;
