@@ -229,9 +229,8 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& w, const int32_t* p
   if (fn == nullptr) return ffi::Error::InvalidArgument("m must divide 16");
   if (n < 1 || n > m) return ffi::Error::InvalidArgument("need 1 <= n <= m");
   if (K % m != 0) return ffi::Error::InvalidArgument("kernel rows (K) must be divisible by m");
-  if (b != nullptr && C % m != 0)
-    return ffi::Error::InvalidArgument("kernel columns (C) must be divisible by m");
   if (b != nullptr) {  // an out-of-range or repeated index would read out of bounds or stale scratch
+    if (C % m != 0) return ffi::Error::InvalidArgument("kernel columns (C) must be divisible by m");
     if (perm_len != C) return ffi::Error::InvalidArgument("perm must have length C");
     std::vector<uint8_t> seen(C, 0);
     for (int64_t i = 0; i < C; ++i) {

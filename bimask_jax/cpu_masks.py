@@ -33,6 +33,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_masks.cc")
@@ -96,13 +97,9 @@ def _load() -> str | None:
         ).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"no C++ compiler ({cxx}): {e}"
-    key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), jax.__version__.encode(), version.encode()):
-        key.update(part)
-    key.update(_cpu_signature().encode())
-    import jaxlib
-
-    key.update(jaxlib.__version__.encode())
+    key = hashlib.sha256(_SOURCE.read_bytes())
+    for part in (jax.__version__, jaxlib.__version__, version, _cpu_signature()):
+        key.update(part.encode())
     path = _cache_dir() / f"cpu_masks-{key.hexdigest()[:20]}.so"
     try:
         if not path.exists():
@@ -142,7 +139,8 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def _require(kernel2d, n: int, m: int) -> None:
+def _call(target: str, num_out: int, kernel2d, *args, n: int, m: int):
+    """Checks that the kernel can run on ``kernel2d`` and calls FFI ``target`` on it."""
     reason = _load()
     if reason is not None:
         raise RuntimeError(f"the CPU mask kernel is unavailable: {reason}")
@@ -153,10 +151,10 @@ def _require(kernel2d, n: int, m: int) -> None:
             f"the CPU mask kernel needs m in (1, 2, 4, 8, 16) and a float32/bfloat16/float16 "
             f"kernel, got m={m}, dtype {kernel2d.dtype}"
         )
-
-
-def _attrs(n: int, m: int) -> dict:
-    return {"n": np.int64(n), "m": np.int64(m)}
+    w = jax.lax.stop_gradient(kernel2d).astype(jnp.float32)  # masks carry no gradient
+    out = (jax.ShapeDtypeStruct(w.shape, jnp.bool_),) * num_out
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    return call(w, *args, n=np.int64(n), m=np.int64(m))
 
 
 def fused_masks(kernel2d, perm, n: int, m: int):
@@ -174,11 +172,8 @@ def fused_masks(kernel2d, perm, n: int, m: int):
     Returns:
       ``(fwd, bwd)``: bool ``(K, C)``.
     """
-    _require(kernel2d, n, m)
-    w = jax.lax.stop_gradient(kernel2d).astype(jnp.float32)
-    out = jax.ShapeDtypeStruct(w.shape, jnp.bool_)
-    call = jax.ffi.ffi_call(_MASKS_TARGET, (out, out), vmap_method="sequential")
-    fwd, bwd = call(w, jnp.asarray(perm).astype(jnp.int32), **_attrs(n, m))
+    perm = jnp.asarray(perm).astype(jnp.int32)
+    fwd, bwd = _call(_MASKS_TARGET, 2, kernel2d, perm, n=n, m=m)
     return fwd, bwd
 
 
@@ -190,8 +185,5 @@ def forward_mask_2d(kernel2d, n: int, m: int):
     Returns:
       bool ``(K, C)``.
     """
-    _require(kernel2d, n, m)
-    w = jax.lax.stop_gradient(kernel2d).astype(jnp.float32)
-    out = jax.ShapeDtypeStruct(w.shape, jnp.bool_)
-    call = jax.ffi.ffi_call(_FORWARD_TARGET, out, vmap_method="sequential")
-    return call(w, **_attrs(n, m))
+    (fwd,) = _call(_FORWARD_TARGET, 1, kernel2d, n=n, m=m)
+    return fwd

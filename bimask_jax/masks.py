@@ -284,25 +284,17 @@ def transposable_mask(kernel, n: int, m: int):
 
 
 def _use_cpu_kernel(impl: str, kernel, m: int) -> bool:
-    """Whether ``layer_masks`` computes a forward/backward mask with :mod:`bimask_jax.cpu_masks`."""
+    """Whether ``layer_masks`` computes a forward/backward mask with :mod:`bimask_jax.cpu_masks`
+    (for ``impl="cpu_kernel"`` always: :mod:`bimask_jax.cpu_masks` says why it cannot)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "xla":
-        return False
-    ok = cpu_masks.supports(m, kernel.dtype)
-    if impl == "cpu_kernel":
-        reason = cpu_masks.unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(
-                f"impl='cpu_kernel' but the CPU mask kernel is unavailable: {reason}"
-            )
-        if not ok:
-            raise ValueError(
-                f"impl='cpu_kernel' needs m in (1, 2, 4, 8, 16) and a float32/bfloat16/float16 "
-                f"kernel, got m={m}, dtype {kernel.dtype}"
-            )
-        return True
-    return ok and jax.default_backend() == "cpu" and cpu_masks.available()
+    if impl != "auto":
+        return impl == "cpu_kernel"
+    return (
+        cpu_masks.supports(m, kernel.dtype)
+        and jax.default_backend() == "cpu"
+        and cpu_masks.available()
+    )
 
 
 def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, impl: str = "auto"):
@@ -338,20 +330,20 @@ def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, impl: str = "
         t = transposable_mask(kernel, n, m)
         return t, t
     n, m = check_nm(n, m)
-    c = kernel.shape[-1] if kernel.ndim else 0
-    _check_layer_kernel(kernel, m, need_output=method == "bimask")
-    if perm is None:
-        perm = jnp.arange(c, dtype=jnp.int32)
-    if method == "bimask":
-        check_perm(perm, c)
     if _use_cpu_kernel(impl, kernel, m):
-        w2 = kernel.reshape(-1, c)
+        _check_layer_kernel(kernel, m, need_output=method == "bimask")
+        w2 = kernel.reshape(-1, kernel.shape[-1])
         if method == "srste":
             fwd = cpu_masks.forward_mask_2d(w2, n, m).reshape(kernel.shape)
             return fwd, fwd
-        fwd, bwd = cpu_masks.fused_masks(w2, jnp.asarray(perm), n, m)
+        if perm is None:
+            perm = jnp.arange(w2.shape[1], dtype=jnp.int32)
+        check_perm(perm, w2.shape[1])
+        fwd, bwd = cpu_masks.fused_masks(w2, perm, n, m)
         return fwd.reshape(kernel.shape), bwd.reshape(kernel.shape)
     fwd = forward_mask(kernel, n, m)
     if method == "srste":
         return fwd, fwd
+    if perm is None:
+        perm = jnp.arange(kernel.shape[-1], dtype=jnp.int32)
     return fwd, backward_mask(kernel, fwd, perm, n, m)

@@ -167,12 +167,16 @@ def test_invalid_perm_under_jit_is_an_error_not_a_wrong_mask():
 
 
 def test_impl_errors():
-    k = _kernel((16, 12))
+    k = _kernel((12, 12))
     with pytest.raises(ValueError, match="impl must be one of"):
         bj.layer_masks(k, 2, 4, "bimask", impl="cuda")
+    with pytest.raises(ValueError, match="size 12 is not divisible by m=8"):
+        bj.layer_masks(k, 2, 8, "bimask", impl="cpu_kernel")
     if cpu_masks.available():
-        with pytest.raises(ValueError, match="m=3"):
+        with pytest.raises(ValueError, match=r"needs m in \(1, 2, 4, 8, 16\).*m=3"):
             bj.layer_masks(k, 1, 3, "bimask", impl="cpu_kernel")
+        with pytest.raises(ValueError, match="not a permutation"):
+            bj.layer_masks(k, 2, 4, "bimask", np.zeros(12, np.int32), impl="cpu_kernel")
 
 
 @pytest.fixture
