@@ -73,11 +73,11 @@ def load_reference(path: str):
     return mod, torch
 
 
-def model_masks_fn(method: str = "bimask", impl: str = "auto"):
+def model_masks_fn(method: str = "bimask"):
     @jax.jit
     def masks(kernels, perms):
         return [
-            bj.layer_masks(k, N, M, method, p, impl=impl)
+            bj.layer_masks(k, N, M, method, p)
             for k, p in zip(kernels, perms, strict=True)
         ]
 

@@ -7,8 +7,6 @@ The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendl
 * permutations: :func:`permutation_score`, :func:`search_permutation`, :func:`retained_upper_bound`,
   :func:`search_efficacy`.
 * products with Bi-Mask's gradients: :func:`sparse_dense`, :func:`sparse_conv`.
-* :mod:`bimask_jax.cpu_masks`: the per-step masks as one CPU kernel (AVX-512, built on first use),
-  which :func:`layer_masks` uses on the CPU by default (``impl="auto"``); same masks, bit for bit.
 
 Around it, for Flax models (linen and nnx): :func:`sparse` wraps an unmodified model;
 :func:`refresh` / :func:`maybe_refresh` / :func:`refresh_due` update the per-layer permutations;
@@ -18,7 +16,6 @@ Kernel layout is Flax's: the last axis is the output axis C, every other axis is
 kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``.
 """
 
-from bimask_jax import cpu_masks
 from bimask_jax.flax import (
     BimaskState,
     export,
@@ -29,7 +26,6 @@ from bimask_jax.flax import (
     summary,
 )
 from bimask_jax.masks import (
-    IMPLS,
     METHODS,
     backward_mask,
     forward_mask,
@@ -49,9 +45,7 @@ from bimask_jax.permutation import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "IMPLS",
     "METHODS",
-    "cpu_masks",
     "BimaskState",
     "export",
     "maybe_refresh",

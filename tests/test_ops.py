@@ -165,7 +165,7 @@ def test_op_errors():
     onesc = jnp.ones(kc.shape, bool)
     with pytest.raises(ValueError, match="channel axis \\(4\\) must equal kernel's Cin=8"):
         bj.sparse_conv(_rand((1, 5, 5, 4), 0), kc, onesc, onesc)
-    with pytest.raises(ValueError, match="strides must be an int or a sequence of 2 ints"):
+    with pytest.raises(ValueError, match="strides must be an int >= 1 or a sequence of 2"):
         bj.sparse_conv(_rand((1, 5, 5, 8), 0), kc, onesc, onesc, strides=(1, 1, 1))
 
 
