@@ -195,9 +195,10 @@ def inverse_permutation(perm):
     ``perm``: integer ``(C,)``, a permutation of ``range(C)`` (``ValueError`` when concrete and not
     one; traced, an invalid ``perm`` is replaced by the identity, see ``backward_mask``).
     """
-    if jnp.ndim(perm) != 1:
-        raise ValueError(f"perm must be 1-D, got shape {jnp.shape(perm)}")
-    return _inverse_jit(check_perm(perm, jnp.shape(perm)[0]))
+    shape = np.shape(perm)
+    if len(shape) != 1:
+        raise ValueError(f"perm must be 1-D, got shape {shape}")
+    return _inverse_jit(check_perm(perm, shape[0]))
 
 
 def _take_columns(a, idx):
