@@ -211,7 +211,7 @@ def _materialize(x, token):
 
     XLA:CPU fuses a column gather into the loop that consumes it and then redoes the gather for
     every read; the ranking reads each gathered entry m times, and the result is gathered again,
-    which made the backward mask ~3x slower than gather + rank + gather as separate loops
+    which makes the backward mask ~3x slower than gather + rank + gather as separate loops
     (``benchmarks/masks.py``). Optimization barriers are stripped before fusion on CPU, so the
     value is routed through a ``while_loop`` whose trip count ``token`` is 0 for valid input but
     unknown to the compiler. On other platforms this is the identity (a GPU while loop would sync
