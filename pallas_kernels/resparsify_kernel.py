@@ -153,8 +153,8 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
     Args:
       w: (K, C) float32 or bfloat16, K % 4 == 0 and C % 4 == 0 (conv kernels: flatten to
         ``(prod(window)*Cin, C)`` first).
-      perm: int (C,), a permutation of ``range(C)`` (checked when concrete; under ``jit`` a
-        repeated index would leave some forward columns unwritten).
+      perm: int (C,), a permutation of ``range(C)`` (``ValueError`` when concrete and not one;
+        under ``jit`` a non-permutation is replaced by the identity, as in ``bimask_jax``).
       block_k, block_c: tile sizes, multiples of 8 (powers of two on GPU); shrunk for small inputs.
       interpret: Pallas interpret mode; default: True unless the default backend is a GPU.
       num_warps: Triton compiler parameter (GPU only).
@@ -174,9 +174,12 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
         raise ValueError(f"w shape {w.shape}: K and C must both be divisible by m=4")
     if perm.shape != (c,) or not jnp.issubdtype(perm.dtype, jnp.integer):
         raise ValueError(f"perm must be an int array of shape ({c},), got {perm.dtype} {perm.shape}")
-    if _is_concrete(perm) and not np.array_equal(
-            np.sort(np.asarray(perm)), np.arange(c)):
-        raise ValueError(f"perm must be a permutation of range({c})")
+    if _is_concrete(perm):
+        if not np.array_equal(np.sort(np.asarray(perm)), np.arange(c)):
+            raise ValueError(f"perm must be a permutation of range({c})")
+    else:  # traced: a non-permutation would leave output columns unwritten; use the identity
+        ident = jnp.arange(c, dtype=perm.dtype)
+        perm = jnp.where(jnp.all(jnp.sort(perm) == ident), perm, ident)
     for name, b in (("block_k", block_k), ("block_c", block_c)):
         if not isinstance(b, int) or b <= 0 or b % 8:
             raise ValueError(f"{name} must be a positive multiple of 8, got {b!r}")

@@ -166,3 +166,15 @@ def test_empty_kernel(shape):
     op = bj.sparse_dense if len(shape) == 2 else bj.sparse_conv
     with pytest.raises(ValueError, match=match):
         op(x, w, fwd, fwd)
+
+
+@pytest.mark.slow  # the interpret-mode kernel takes ~half a minute to trace and run under jit
+def test_resparsify_under_jit_with_an_invalid_perm_uses_the_identity():
+    import pallas_kernels as pk
+
+    w = _kernel((8, 8), 4)
+    bad = jnp.asarray(_invalid_perms(8)["duplicate"], jnp.int32)
+    got = jax.jit(lambda w, p: pk.resparsify(w, p, block_k=8, block_c=8))(w, bad)
+    want = pk.resparsify(w, jnp.arange(8), block_k=8, block_c=8)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
