@@ -88,10 +88,13 @@ def _topn_along(key, n: int, axis: int):
     return rank < n
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
-def _nm_mask(x, n: int, m: int, axis: int):
+def _group_topn(x, n: int, m: int, axis: int):
+    """``nm_mask`` of a checked ``x`` (``axis`` non-negative)."""
     g = x.reshape(*x.shape[:axis], x.shape[axis] // m, m, *x.shape[axis + 1 :])
     return _topn_along(_magnitude(g), n, axis + 1).reshape(x.shape)
+
+
+_nm_mask = jax.jit(_group_topn, static_argnames=("n", "m", "axis"))
 
 
 def nm_mask(x, n: int, m: int, axis: int = -1):
@@ -150,9 +153,7 @@ def _from_matrix(mat, shape, k_order: str):
 
 def _forward(kernel, n: int, m: int, k_order: str):
     if k_order == "hwi":
-        axis = kernel.ndim - 2
-        g = kernel.reshape(*kernel.shape[:axis], kernel.shape[axis] // m, m, kernel.shape[-1])
-        return _topn_along(_magnitude(g), n, axis + 1).reshape(kernel.shape)
+        return _group_topn(kernel, n, m, kernel.ndim - 2)
     mat = _as_matrix(kernel, k_order)  # (K, C); groups run over the flattened (C, K)
     keep = _topn_along(_magnitude(mat.T.reshape(-1, m)), n, 1).reshape(mat.T.shape).T
     return _from_matrix(keep, kernel.shape, k_order)

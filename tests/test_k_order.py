@@ -127,3 +127,18 @@ def test_k_order_errors():
         bj.search_permutation(jax.random.key(0), w10, 2, 4, method="stripe", k_order="ihw")
     with pytest.raises(ValueError, match="kernel reduction size K of size 27 is not divisible"):
         bj.transposable_mask(w, 2, 4, k_order="ihw")
+
+
+def test_ihw_matrix_view_equals_the_conv_kernel():
+    # A caller that stacks layers as matrices (the Flax refresh) passes each conv kernel as its
+    # "ihw" matrix: Cin moved first, flattened to (Cin*kh*kw, C). With k_order="ihw" the masks are
+    # those of the 4-D kernel.
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 3, 3, 8)).astype(np.float32)
+    perm = rng.permutation(8)
+    mat = np.moveaxis(w, -2, 0).reshape(-1, 8)
+    f4, b4 = bj.layer_masks(w, 2, 4, "bimask", perm, k_order="ihw")
+    f2, b2 = bj.layer_masks(mat, 2, 4, "bimask", perm, k_order="ihw")
+    back = lambda a: np.moveaxis(np.asarray(a).reshape(3, 3, 3, 8), 0, -2)  # noqa: E731
+    np.testing.assert_array_equal(back(f2), f4)
+    np.testing.assert_array_equal(back(b2), b4)
