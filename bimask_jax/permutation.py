@@ -6,7 +6,13 @@ mask. It depends only on the forward mask and on how ``p`` groups the ``C`` outp
 
     score(p) = sum over rows k and groups g of min(sum_{j in g} F[k, p[j]], n)
 
-No magnitudes and no sorting are needed, which is what makes scoring many candidates cheap.
+No magnitudes and no sorting are needed, which is what makes scoring many candidates cheap. (With
+``k_order="ihw"`` and ``C % m != 0`` a group is ``m`` consecutive entries of the row-major
+flattened ``F[:, p]``, straddling two rows; the score is the same sum of ``min(count, n)`` over those
+groups, and only the random search applies.)
+
+Like ``bimask_jax.masks``, every public function checks its arguments in Python and then calls a
+jitted body (the N:M ratio, counts and options static).
 """
 
 from __future__ import annotations
