@@ -94,10 +94,6 @@ def check_decay(decay) -> float:
     return d
 
 
-def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def check_perm(perm, c: int, name: str = "perm"):
     """``perm`` must be an integer array of shape ``(c,)``, and a permutation of ``range(c)`` when
     concrete. Returns it as an array (a Python list or tuple is converted)."""
@@ -112,7 +108,7 @@ def check_perm(perm, c: int, name: str = "perm"):
         )
     if not jnp.issubdtype(perm.dtype, jnp.integer):
         raise ValueError(f"{name} must have an integer dtype, got {perm.dtype}")
-    if is_concrete(perm) and not np.array_equal(np.sort(np.asarray(perm)), np.arange(c)):
+    if not isinstance(perm, jax.core.Tracer) and not np.array_equal(np.sort(np.asarray(perm)), np.arange(c)):
         raise ValueError(f"{name} is not a permutation of range({c})")
     return perm
 
