@@ -38,6 +38,30 @@ class Decision:
     reason: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One candidate layer (linen Dense/DenseGeneral/Conv, nnx Linear/LinearGeneral/Conv) and the
+    rule's outcome for it: ``path`` (``"a/b"``), ``kind`` (class name), ``kernel_shape`` (None when
+    skipped before its kernel was seen), ``sparse``, ``method`` (effective method, ``""`` when
+    skipped) and ``note`` (why it is skipped, or a fallback note)."""
+
+    path: str
+    kind: str
+    kernel_shape: tuple[int, ...] | None
+    sparse: bool
+    method: str = ""
+    note: str = ""
+
+
+def no_sparse_message(cfg: SparseConfig, layers) -> str:
+    """The error when the selection rule makes no layer sparse, with each layer's reason."""
+    why = "".join(f"\n  {x.path or '<root>'} ({x.kind}): {x.note}" for x in layers)
+    return (f"bimask_jax.sparse(n={cfg.n}, m={cfg.m}, method={cfg.method!r}) makes no layer of "
+            f"this model sparse: " + (f"every candidate layer is skipped:{why}" if layers else
+                                      "it has no Dense/DenseGeneral/Conv (linen) or "
+                                      "Linear/LinearGeneral/Conv (nnx) layer"))
+
+
 def name_skip_reason(cfg: SparseConfig, path: str, module) -> str:
     """Rule 1: ``""`` when the filters keep the layer, else the reason it is skipped."""
     if cfg.include is not None and not filter_matches(cfg.include, path, module):
