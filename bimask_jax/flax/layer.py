@@ -41,30 +41,17 @@ def new_record(cfg, method: str, stack: tuple[int, ...], c: int) -> dict:
             "refreshes": jnp.zeros(stack, jnp.int32)}
 
 
-@functools.cache
-def record_spec(cfg, method: str, stack: tuple[int, ...], c: int) -> dict:
-    """``{field: jax.ShapeDtypeStruct}`` of :func:`new_record`."""
-    return jax.eval_shape(lambda: new_record(cfg, method, stack, c))
-
-
-def _same_kind(got, want) -> bool:
-    for kind in (jnp.integer, jnp.floating):
-        if jnp.issubdtype(want, kind):
-            return jnp.issubdtype(got, kind)
-    return got == want
-
-
 def check_record(path: str, record: dict, cfg, method: str, kernel_shape, stack, c: int) -> None:
     """Raises ValueError (naming the layer and the rule) unless ``record`` fits the layer: every
-    field of :func:`new_record` present with its shape and dtype kind (static, also under ``jit``),
+    field of :func:`new_record` present with its shape and dtype kind (static, so also under jit),
     and, where its value is concrete, ``perm`` a permutation of ``range(C)`` along its last axis."""
     k = math.prod(kernel_shape[len(stack):]) // max(c, 1)
-    for name, want in record_spec(cfg, method, tuple(stack), c).items():
+    for name, want in jax.eval_shape(lambda: new_record(cfg, method, tuple(stack), c)).items():
         got = record.get(name)
         if got is None:
             raise ValueError(f"layer {path!r}: its Bi-Mask state has no {name!r} field")
         shape, dtype = tuple(np.shape(got)), jnp.result_type(got)
-        if shape != want.shape or not _same_kind(dtype, want.dtype):
+        if shape != want.shape or getattr(dtype, "kind", 0) != getattr(want.dtype, "kind", 1):
             raise ValueError(
                 f"layer {path!r}: Bi-Mask state {name!r} is {dtype}{list(shape)}, but this layer "
                 f"(kernel {tuple(kernel_shape)}, read as the ({k}, {c}) matrix"
@@ -197,20 +184,11 @@ def dense_general_product(
     return y.reshape(*free, *kernel.shape[n_in:])
 
 
-def is_channels_last(dimension_numbers, ndim: int) -> bool:
+def is_channels_last(dn, ndim: int) -> bool:
     """Whether conv dimension numbers are Flax's channels-last ones (NHWC, HWIO, NHWC)."""
-    if dimension_numbers is None:
-        return False
-    spatial = tuple(range(1, ndim - 1))
-    want = lax.ConvDimensionNumbers(
-        lhs_spec=(0, ndim - 1, *spatial),
-        rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
-        out_spec=(0, ndim - 1, *spatial),
-    )
-    dn = dimension_numbers
-    if not isinstance(dn, lax.ConvDimensionNumbers):
-        return False
-    return tuple(map(tuple, dn)) == tuple(map(tuple, want))
+    sp = tuple(range(1, ndim - 1))
+    want = ((0, ndim - 1, *sp), (ndim - 1, ndim - 2, *range(ndim - 2)), (0, ndim - 1, *sp))
+    return isinstance(dn, lax.ConvDimensionNumbers) and tuple(map(tuple, dn)) == want
 
 
 # Budget for the gathered int8 forward masks of one vmapped chunk of a refresh group (bytes).

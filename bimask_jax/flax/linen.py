@@ -25,7 +25,7 @@ from bimask_jax.flax.layer import (
     sparse_conv_general,
     sparse_dot_general,
 )
-from bimask_jax.flax.selection import Layer, name_skip_reason, no_sparse_message, shape_decision
+from bimask_jax.flax.selection import Layer, decide, name_skip_reason, no_sparse_message
 
 COLLECTION = "bimask"
 _DOT_TYPES = (nn.Dense, nn.DenseGeneral)
@@ -91,10 +91,7 @@ def _intercept(cfg: SparseConfig, seen: dict, next_fun, args, kwargs, ctx):
         return next_fun(*args, **kwargs)
 
     def resolve(kernel_shape, cin, c, reason):
-        dec = shape_decision(cfg, cin, c)
-        layer = Layer(path, kind, tuple(kernel_shape), not reason and dec.sparse,
-                      "" if reason else dec.method, reason or dec.reason)
-        seen[path] = layer
+        seen[path] = layer = decide(cfg, path, kind, tuple(kernel_shape), cin, c, reason)
         if not layer.sparse:
             return "dense", None
         return layer.method, _perm(cfg, mod, layer, c)

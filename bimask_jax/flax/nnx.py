@@ -1,10 +1,9 @@
 """Bi-Mask for nnx models: :func:`sparsify` replaces, in place, the ``dot_general`` of selected
 ``nnx.Linear``/``nnx.LinearGeneral`` layers and the ``conv_general_dilated`` of selected ``nnx.Conv``
-layers with small nnx modules (:class:`SparseDotGeneral`, :class:`SparseConvGeneral`) that run the
-sparse products and hold the layer's record (:func:`~bimask_jax.flax.layer.new_record`) in
-:class:`BimaskState` variables. Parameters keep their paths; the state appears at
-``<layer>/<op attr>/<field>``. Optimizers must update ``nnx.Param`` only
-(``nnx.Optimizer(model, tx, wrt=nnx.Param)``). This module also reads and writes that state for
+layers with a small nnx module (:class:`SparseOp`) that runs the sparse product and holds the
+layer's record (:func:`~bimask_jax.flax.layer.new_record`) in :class:`BimaskState` variables at
+``<layer>/<op attr>/<field>``; parameters keep their paths. Optimizers must update ``nnx.Param``
+only (``nnx.Optimizer(model, tx, wrt=nnx.Param)``). Also reads and writes that state for
 :mod:`bimask_jax.flax.state`.
 """
 
@@ -23,7 +22,7 @@ from bimask_jax.flax.layer import (
     sparse_conv_general,
     sparse_dot_general,
 )
-from bimask_jax.flax.selection import Layer, name_skip_reason, no_sparse_message, shape_decision
+from bimask_jax.flax.selection import Layer, decide, name_skip_reason, no_sparse_message
 
 LAYER_ATTR = "bimask_layer"  # static Layer set on every candidate layer by sparsify
 
@@ -32,13 +31,13 @@ class BimaskState(nnx.Variable):
     """Bi-Mask state of a sparse layer (never a ``nnx.Param``): one field of its record."""
 
 
-class _SparseOp(nnx.Module):
-    """Static ``config`` and ``layer`` (:class:`Layer`); one :class:`BimaskState` per record field
-    (``perm`` int32 ``(*stack, C)``, ``refreshes`` int32 ``stack``, ...)."""
+class SparseOp(nnx.Module):
+    """Drop-in ``dot_general`` (Linear/LinearGeneral, no batch axes) or ``conv_general_dilated``
+    (Conv: channels-last, no groups). Static ``config``, ``layer`` (:class:`Layer`), ``conv``; one
+    :class:`BimaskState` per record field (``perm`` int32 ``(*stack, C)``, ``refreshes``, ...)."""
 
-    def __init__(self, config: SparseConfig, layer: Layer, c: int, stack: tuple[int, ...]):
-        self.config = config
-        self.layer = layer
+    def __init__(self, config: SparseConfig, layer: Layer, conv: bool, c: int, stack: tuple):
+        self.config, self.layer, self.conv = config, layer, conv
         record = new_record(config, layer.method, stack, c)
         self.fields = tuple(record)
         for name, value in record.items():
@@ -56,19 +55,9 @@ class _SparseOp(nnx.Module):
         check_record(self.layer.path, record, self.config, self.layer.method, kernel_shape, (), c)
         return self.layer.method, record["perm"]
 
-
-class SparseDotGeneral(_SparseOp):
-    """Drop-in ``dot_general`` of a Linear/LinearGeneral layer (no batch axes)."""
-
     def __call__(self, *args, **kwargs):
-        return sparse_dot_general(self.config, self._resolve, *args, **kwargs)
-
-
-class SparseConvGeneral(_SparseOp):
-    """Drop-in ``conv_general_dilated`` of a Conv layer (channels-last, no groups)."""
-
-    def __call__(self, *args, **kwargs):
-        return sparse_conv_general(self.config, self._resolve, *args, **kwargs)
+        op = sparse_conv_general if self.conv else sparse_dot_general
+        return op(self.config, self._resolve, *args, **kwargs)
 
 
 _KINDS = ((nnx.LinearGeneral, "dot_general"), (nnx.Linear, "dot_general"),
@@ -101,10 +90,6 @@ def _geometry(layer):
     return cin, layer.out_features, len(layer.kernel_size) + 2, reason
 
 
-def _path_str(path) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def sparsify(model: nnx.Module, config: SparseConfig) -> nnx.Module:
     """Makes the selected layers of ``model`` sparse, in place; returns ``model``.
 
@@ -116,23 +101,21 @@ def sparsify(model: nnx.Module, config: SparseConfig) -> nnx.Module:
         attr = _op_attr(layer)
         if attr is None:
             continue
-        ps = _path_str(path)
+        ps = "/".join(map(str, path))
         if hasattr(layer, LAYER_ATTR):
             raise ValueError(f"layer {ps!r} is already handled by bimask_jax.sparse")
         cin, c, ndim, reason = _geometry(layer)
         reason = name_skip_reason(config, ps, layer) or reason
         kshape = tuple(layer.kernel.shape)
-        dec = shape_decision(config, cin, c)
-        info = Layer(ps, type(layer).__name__, kshape, not reason and dec.sparse,
-                     "" if reason else dec.method, reason or dec.reason)
+        info = decide(config, ps, type(layer).__name__, kshape, cin, c, reason)
         plan.append((layer, attr, info, c, kshape[: len(kshape) - ndim]))
     if not any(info.sparse for _, _, info, _, _ in plan):
         raise ValueError(no_sparse_message(config, [p[2] for p in plan]))
     for layer, attr, info, c, stack in plan:
         setattr(layer, LAYER_ATTR, info)
         if info.sparse:
-            op_cls = SparseConvGeneral if attr == "conv_general_dilated" else SparseDotGeneral
-            setattr(layer, attr, nnx.data(op_cls(config, info, c, stack)))
+            op = SparseOp(config, info, attr == "conv_general_dilated", c, stack)
+            setattr(layer, attr, nnx.data(op))
     return model
 
 
@@ -143,7 +126,7 @@ def _candidates(model):
         attr = _op_attr(node)
         if attr is not None and hasattr(node, LAYER_ATTR):
             op = getattr(node, attr)
-            out.append((tuple(path), node, op if isinstance(op, _SparseOp) else None))
+            out.append((tuple(path), node, op if isinstance(op, SparseOp) else None))
     return out
 
 

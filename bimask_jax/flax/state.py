@@ -3,21 +3,8 @@
 The state is ``{layer path tuple: record}`` (a record is the dict of :func:`new_record`), read
 from and written back to the framework's own storage by the front end (:mod:`.linen`: the
 ``"bimask"`` collection; :mod:`.nnx`: :class:`BimaskState` variables). :func:`refresh_state` is
-the one pure refresh over it; :func:`refresh` and :func:`maybe_refresh` wrap it for a model.
-
-Two ways to schedule it (paper: every 100 steps, first at step 0):
-
-* from the host, between jitted train steps::
-
-      if bimask_jax.refresh_due(step, 100):
-          variables = {**variables, "bimask": refresh_jit(jax.random.fold_in(key, step), variables)}
-
-  with ``refresh_jit = jax.jit(lambda k, v: bimask_jax.refresh(k, model, v))``;
-* inside the jitted train step: ``new = bimask_jax.maybe_refresh(key, model, variables, step)``
-  (a ``lax.cond`` on ``refresh_due(step, refresh_every)``; ``step`` may be a traced int).
-
-For nnx models the result is an ``nnx.State`` of :class:`BimaskState` to apply with
-``nnx.update(model, new_state)``.
+the one pure refresh over it; :func:`refresh` (from the host, between jitted steps, when
+:func:`refresh_due`) and :func:`maybe_refresh` (inside a jitted step) wrap it for a model.
 """
 
 from __future__ import annotations
