@@ -126,3 +126,24 @@ def test_nnx_no_sparse_layer_says_why_and_leaves_model_unchanged():
     bf.sparse(net)  # the failed call did not mark the layers as handled
     assert [(y.path, y.sparse, y.method) for y in bf.layers(net)] == [
         ("fc", True, "bimask"), ("out", True, "bimask")]
+
+
+def test_a_new_record_field_is_one_definition(monkeypatch):
+    """A field added to ``new_record`` alone (here a float32 ``scale`` per layer) is created by
+    linen init and nnx sparse, checked against its layer, and kept by the refresh."""
+    from bimask_jax.flax import layer
+
+    base = layer.new_record
+    monkeypatch.setattr(layer, "new_record", lambda cfg, method, stack, c: {
+        **base(cfg, method, stack, c), "scale": jnp.ones(stack, jnp.float32)})
+    model = bf.sparse(Two(), n=1, m=4)  # a fresh config: nothing cached from other tests
+    v = model.init(jax.random.key(0), X)
+    assert v["bimask"]["fc"]["scale"].dtype == jnp.float32 and v["bimask"]["fc"]["scale"].shape == ()
+    new = bf.refresh(jax.random.key(1), model, v)
+    assert float(new["fc"]["scale"]) == 1.0 and int(new["fc"]["refreshes"]) == 1
+    v["bimask"]["fc"]["scale"] = jnp.ones((2,), jnp.float32)
+    with pytest.raises(ValueError, match=r"'fc'.*'scale' is float32\[2\].*needs float32\[\]"):
+        model.apply(v, X)
+    net = bf.sparse(MLP(nnx.Rngs(0)), n=1, m=4)
+    assert net.fc.dot_general.scale[...].dtype == jnp.float32
+    assert "scale" in nnx.to_pure_dict(bf.refresh(jax.random.key(1), net))["fc"]["dot_general"]

@@ -18,13 +18,9 @@ import flax.linen as nn
 import jax
 from flax.core import meta
 
+from bimask_jax.flax import layer as _layer
 from bimask_jax.flax.config import SparseConfig
-from bimask_jax.flax.layer import (
-    check_record,
-    new_record,
-    sparse_conv_general,
-    sparse_dot_general,
-)
+from bimask_jax.flax.layer import check_record, sparse_conv_general, sparse_dot_general
 from bimask_jax.flax.selection import Layer, decide, name_skip_reason, no_sparse_message
 
 COLLECTION = "bimask"
@@ -118,7 +114,7 @@ def _perm(cfg: SparseConfig, mod, layer: Layer, c: int):
             f"is inside nn.scan/nn.vmap, add {COLLECTION!r} to its variable_axes, e.g. "
             f"variable_axes={{'params': 0, {COLLECTION!r}: 0}} (or {{True: 0}})"
         )
-    init = new_record(cfg, layer.method, (), c)
+    init = _layer.new_record(cfg, layer.method, (), c)
     if not mod.has_variable(COLLECTION, "perm") and not mod.is_mutable_collection(COLLECTION):
         if layer.method != "bimask" and cfg.backend == "xla":
             return None

@@ -15,13 +15,9 @@ import math
 from flax import nnx
 from jax import lax
 
+from bimask_jax.flax import layer as _layer
 from bimask_jax.flax.config import SparseConfig
-from bimask_jax.flax.layer import (
-    check_record,
-    new_record,
-    sparse_conv_general,
-    sparse_dot_general,
-)
+from bimask_jax.flax.layer import check_record, sparse_conv_general, sparse_dot_general
 from bimask_jax.flax.selection import Layer, decide, name_skip_reason, no_sparse_message
 
 LAYER_ATTR = "bimask_layer"  # static Layer set on every candidate layer by sparsify
@@ -38,7 +34,7 @@ class SparseOp(nnx.Module):
 
     def __init__(self, config: SparseConfig, layer: Layer, conv: bool, c: int, stack: tuple):
         self.config, self.layer, self.conv = config, layer, conv
-        record = new_record(config, layer.method, stack, c)
+        record = _layer.new_record(config, layer.method, stack, c)
         self.fields = tuple(record)
         for name, value in record.items():
             setattr(self, name, BimaskState(value))
