@@ -12,8 +12,7 @@ from bimask_jax.local_search import STRIPE_MAX_M
 from bimask_jax.masks import METHODS
 from bimask_jax.permutation import SEARCH_METHODS
 
-# "pallas" routes Dense/DenseGeneral products to the 2:4 kernels (sparse_dense(backend="pallas"));
-# conv layers use a backend only if sparse_conv supports it (ops.BACKENDS), else "xla".
+# "pallas" routes products to the 2:4 kernels (sparse_dense/sparse_conv(backend="pallas")).
 BACKENDS = ("xla", "pallas")
 
 # A layer filter: regex pattern(s) searched in the layer path ("block1/conv2"), or a predicate

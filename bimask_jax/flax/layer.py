@@ -5,6 +5,10 @@ A layer kernel has the input axes first and the output axes last. It is read as 
 ``(K, C)``: ``C`` is the product of the output axes, ``K`` of the input axes (row-major flatten;
 for a conv, window axes then ``Cin``). Kernels stacked by ``nn.scan``/``nnx.vmap`` carry extra
 leading axes; their permutations carry the same leading axes, ``perm.shape == (*stack, C)``.
+
+The Bi-Mask state of a layer is a *record*: a dict of arrays, one per field, defined in one place
+(:func:`new_record`); linen keeps it in the ``"bimask"`` collection at the layer's path, nnx in
+:class:`~bimask_jax.flax.nnx.BimaskState` variables of the layer's op.
 """
 
 from __future__ import annotations
@@ -14,11 +18,114 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bimask_jax.masks import layer_masks
-from bimask_jax.ops import sparse_dense
+from bimask_jax.ops import sparse_conv, sparse_dense
 from bimask_jax.permutation import search_permutation
+
+
+def new_record(cfg, method: str, stack: tuple[int, ...], c: int) -> dict:
+    """The initial Bi-Mask state of one sparse layer with ``C = c`` output columns, stacked
+    ``stack`` times (``nn.scan``/``nnx.vmap``). Every field of the per-layer state is defined here
+    (name, shape, dtype, initial value); the rest of the wrapper creates, checks, refreshes and
+    checkpoints whatever this returns. ``cfg`` (:class:`SparseConfig`) and ``method`` (the layer's
+    effective method) are for fields that only some methods need.
+
+    Fields: ``perm`` int32 ``(*stack, C)``, the column permutation of the backward mask (identity);
+    ``refreshes`` int32 ``stack``, the number of refreshes applied to the layer.
+    """
+    del cfg, method  # every method has the same fields for now
+    return {"perm": jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (*stack, c)),
+            "refreshes": jnp.zeros(stack, jnp.int32)}
+
+
+def check_record(path: str, record: dict, cfg, method: str, kernel_shape, stack, c: int) -> None:
+    """Raises ValueError (naming the layer and the rule) unless ``record`` fits the layer: every
+    field of :func:`new_record` present with its shape and dtype kind (static, so also under jit),
+    and, where its value is concrete, ``perm`` a permutation of ``range(C)`` along its last axis."""
+    k = math.prod(kernel_shape[len(stack):]) // max(c, 1)
+    for name, want in jax.eval_shape(lambda: new_record(cfg, method, tuple(stack), c)).items():
+        got = record.get(name)
+        if got is None:
+            raise ValueError(f"layer {path!r}: its Bi-Mask state has no {name!r} field")
+        shape, dtype = tuple(np.shape(got)), jnp.result_type(got)
+        if shape != want.shape or getattr(dtype, "kind", 0) != getattr(want.dtype, "kind", 1):
+            raise ValueError(
+                f"layer {path!r}: Bi-Mask state {name!r} is {dtype}{list(shape)}, but this layer "
+                f"(kernel {tuple(kernel_shape)}, read as the ({k}, {c}) matrix"
+                f"{f' stacked {tuple(stack)}' if stack else ''}) needs {want.dtype}"
+                f"{list(want.shape)}: the state does not fit the layer (from another model?)"
+            )
+    perm = record["perm"]
+    if not isinstance(perm, jax.core.Tracer):
+        p = np.asarray(perm).reshape(-1, c)
+        bad = np.flatnonzero((np.sort(p, axis=-1) != np.arange(c)).any(-1))
+        if bad.size:
+            raise ValueError(
+                f"layer {path!r}: Bi-Mask state 'perm' must hold a permutation of 0..{c - 1} "
+                f"(each column index once), got {p[bad[0]].tolist()}"
+            )
+
+
+def safe_perm(perm):
+    """``perm`` (int ``(..., C)``) where each row is a permutation of ``range(C)``, else the
+    identity: the defined fallback for invalid incumbents that cannot be checked (traced)."""
+    c = perm.shape[-1]
+    ident = jnp.arange(c, dtype=perm.dtype)
+    ok = jnp.all(jnp.sort(perm, axis=-1) == ident, axis=-1, keepdims=True)
+    return jnp.where(ok, perm, ident)
+
+
+def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None,
+                       preferred_element_type=None, **kwargs):
+    """Drop-in ``lax.dot_general`` of a Dense/DenseGeneral/Linear/LinearGeneral layer.
+
+    ``resolve(kernel_shape, in_channels, C, reason) -> (method, perm)`` is the front end's hook:
+    it applies the selection rule (``reason``: why the product cannot be sparse, or ``""``) and
+    returns the layer's method (``"dense"``: the plain product) and permutation (``(C,)`` or None).
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    n_in = len(rc)
+    c = math.prod(rhs.shape[n_in:])
+    bad = lb or rb or tuple(rc) != tuple(range(n_in))
+    reason = f"unsupported dot_general dimension numbers {dimension_numbers}" if bad else ""
+    method, perm = resolve(rhs.shape, rhs.shape[n_in - 1], c, reason)
+    if method == "dense":
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+    fwd, bwd = kernel_masks(rhs, c, cfg.n, cfg.m, method, perm if method == "bimask" else None)
+    y = dense_general_product(lhs, rhs, lc, fwd, bwd, cfg.decay, precision=precision,
+                              perm=perm if cfg.backend != "xla" else None, backend=cfg.backend)
+    return y if preferred_element_type is None else y.astype(preferred_element_type)
+
+
+def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dilation=None,
+                        rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                        precision=None, preferred_element_type=None, **kwargs):
+    """Drop-in ``lax.conv_general_dilated`` of a Conv layer; ``resolve`` as in
+    :func:`sparse_dot_general` (only channels-last, ungrouped convs can be sparse)."""
+    ok = feature_group_count == 1 and is_channels_last(dimension_numbers, lhs.ndim)
+    reason = "" if ok else "unsupported conv configuration"
+    method, perm = resolve(rhs.shape, rhs.shape[-2], rhs.shape[-1], reason)
+    if method == "dense":
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision,
+            preferred_element_type=preferred_element_type, **kwargs,
+        )
+    fwd, bwd = kernel_masks(rhs, rhs.shape[-1], cfg.n, cfg.m, method,
+                            perm if method == "bimask" else None)
+    y = sparse_conv(
+        lhs, rhs, fwd, bwd, cfg.decay, strides=window_strides, padding=padding,
+        lhs_dilation=lhs_dilation if lhs_dilation is not None else 1,
+        rhs_dilation=rhs_dilation if rhs_dilation is not None else (1,) * (lhs.ndim - 2),
+        perm=perm if cfg.backend != "xla" else None, precision=precision,
+        backend=cfg.backend,
+    )
+    return y if preferred_element_type is None else y.astype(preferred_element_type)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -77,20 +184,11 @@ def dense_general_product(
     return y.reshape(*free, *kernel.shape[n_in:])
 
 
-def is_channels_last(dimension_numbers, ndim: int) -> bool:
+def is_channels_last(dn, ndim: int) -> bool:
     """Whether conv dimension numbers are Flax's channels-last ones (NHWC, HWIO, NHWC)."""
-    if dimension_numbers is None:
-        return False
-    spatial = tuple(range(1, ndim - 1))
-    want = lax.ConvDimensionNumbers(
-        lhs_spec=(0, ndim - 1, *spatial),
-        rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
-        out_spec=(0, ndim - 1, *spatial),
-    )
-    dn = dimension_numbers
-    if not isinstance(dn, lax.ConvDimensionNumbers):
-        return False
-    return tuple(map(tuple, dn)) == tuple(map(tuple, want))
+    sp = tuple(range(1, ndim - 1))
+    want = ((0, ndim - 1, *sp), (ndim - 1, ndim - 2, *range(ndim - 2)), (0, ndim - 1, *sp))
+    return isinstance(dn, lax.ConvDimensionNumbers) and tuple(map(tuple, dn)) == want
 
 
 # Budget for the gathered int8 forward masks of one vmapped chunk of a refresh group (bytes).

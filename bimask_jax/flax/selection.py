@@ -23,19 +23,27 @@ from bimask_jax.flax.config import SparseConfig, filter_matches
 
 
 @dataclasses.dataclass(frozen=True)
-class Decision:
-    """Outcome of the selection rule for one layer.
+class Layer:
+    """One candidate layer (linen Dense/DenseGeneral/Conv, nnx Linear/LinearGeneral/Conv) and the
+    rule's outcome for it: ``path`` (``"a/b"``), ``kind`` (class name), ``kernel_shape`` (None when
+    skipped before its kernel was seen), ``sparse``, ``method`` (effective method, ``""`` when
+    skipped) and ``note`` (why it is skipped, or a fallback note)."""
 
-    Attributes:
-      sparse: whether the layer runs through ``sparse_dense``/``sparse_conv``.
-      method: the method the layer uses (``""`` when skipped); may differ from the configured one
-        by the fallback rule 4.
-      reason: why the layer is skipped, or a note on a fallback; ``""`` otherwise.
-    """
-
+    path: str
+    kind: str
+    kernel_shape: tuple[int, ...] | None
     sparse: bool
     method: str = ""
-    reason: str = ""
+    note: str = ""
+
+
+def no_sparse_message(cfg: SparseConfig, layers) -> str:
+    """The error when the selection rule makes no layer sparse, with each layer's reason."""
+    why = "".join(f"\n  {x.path or '<root>'} ({x.kind}): {x.note}" for x in layers)
+    return (f"bimask_jax.sparse(n={cfg.n}, m={cfg.m}, method={cfg.method!r}) makes no layer of "
+            f"this model sparse: " + (f"every candidate layer is skipped:{why}" if layers else
+                                      "it has no Dense/DenseGeneral/Conv (linen) or "
+                                      "Linear/LinearGeneral/Conv (nnx) layer"))
 
 
 def name_skip_reason(cfg: SparseConfig, path: str, module) -> str:
@@ -47,11 +55,15 @@ def name_skip_reason(cfg: SparseConfig, path: str, module) -> str:
     return ""
 
 
-def shape_decision(cfg: SparseConfig, in_channels: int, out_size: int) -> Decision:
-    """Rules 3 and 4 from the innermost input-axis size and the output size ``C``."""
-    if in_channels % cfg.m:
-        return Decision(False, "", f"input channels {in_channels} not divisible by m={cfg.m}")
-    return Decision(True, *effective_method(cfg, out_size))
+def decide(cfg: SparseConfig, path: str, kind: str, kernel_shape, in_channels: int,
+           out_size: int, reason: str = "") -> Layer:
+    """Rules 3 and 4 from the innermost input-axis size and the output size ``C``, unless rules
+    1-2 (or an unsupported product) already gave a skip ``reason``."""
+    if not reason and in_channels % cfg.m:
+        reason = f"input channels {in_channels} not divisible by m={cfg.m}"
+    if reason:
+        return Layer(path, kind, kernel_shape, False, "", reason)
+    return Layer(path, kind, kernel_shape, True, *effective_method(cfg, out_size))
 
 
 def effective_method(cfg: SparseConfig, out_size: int) -> tuple[str, str]:
