@@ -10,15 +10,18 @@ The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendl
 
 Around it, for Flax models (linen and nnx): :func:`sparse` wraps an unmodified model;
 :func:`refresh` / :func:`maybe_refresh` / :func:`refresh_due` update the per-layer permutations;
-:func:`summary` reports per-layer sparsity; :func:`export` gives plain inference weights.
+:func:`layers` says which layers are sparse and why; :func:`summary` reports per-layer sparsity; :func:`export` gives plain inference weights.
 
 Kernel layout is Flax's: the last axis is the output axis C, every other axis is reduction; a conv
-kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``.
+kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``, rows ``Cin``
+fastest (``k_order="hwi"``) or, as the authors' PyTorch code reads it, ``(Cin, *window)``
+(``k_order="ihw"``; every mask, search and :func:`sparse` takes ``k_order``).
 """
 
 from bimask_jax.flax import (
     BimaskState,
     export,
+    layers,
     maybe_refresh,
     refresh,
     refresh_due,
@@ -48,6 +51,7 @@ __all__ = [
     "METHODS",
     "BimaskState",
     "export",
+    "layers",
     "maybe_refresh",
     "refresh",
     "refresh_due",

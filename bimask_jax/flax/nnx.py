@@ -103,7 +103,8 @@ def sparsify(model: nnx.Module, config: SparseConfig) -> nnx.Module:
         cin, c, ndim, reason = _geometry(layer)
         reason = name_skip_reason(config, ps, layer) or reason
         kshape = tuple(layer.kernel.shape)
-        info = decide(config, ps, type(layer).__name__, kshape, cin, c, reason)
+        info = decide(config, ps, type(layer).__name__, kshape[len(kshape) - ndim:], cin, c,
+                      reason)
         plan.append((layer, attr, info, c, kshape[: len(kshape) - ndim]))
     if not any(info.sparse for _, _, info, _, _ in plan):
         raise ValueError(no_sparse_message(config, [p[2] for p in plan]))

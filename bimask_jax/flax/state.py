@@ -19,7 +19,7 @@ from bimask_jax.flax import linen as _linen
 from bimask_jax.flax import nnx as _nnx
 from bimask_jax.flax.config import SparseConfig
 from bimask_jax.flax.layer import check_record, refresh_layers, safe_perm
-from bimask_jax.flax.selection import effective_method
+from bimask_jax.flax.selection import effective_method, search_method
 
 
 def frontend(model):
@@ -56,7 +56,7 @@ def geometry(cfg: SparseConfig, path: tuple, record: dict, kernel) -> tuple[str,
             f"not fit its kernel {ks}: it needs (*stack, C) with the kernel's stack axes and C the "
             f"size of its output axes (one of {sorted(outs)}); the state is from another model?"
         )
-    method = effective_method(cfg, c)[0]
+    method = effective_method(cfg, c, math.prod(inner) // c)[0]
     check_record(ps, record, cfg, method, ks, stack, c)
     return method, stack, c
 
@@ -84,6 +84,14 @@ def read(model, variables):
     return cfg, records, kernels
 
 
+def _method(cfg: SparseConfig, record: dict, kernel) -> str:
+    """The effective method of a layer from its ``(*stack, C)`` perm and ``(*stack, *kshape)``
+    kernel."""
+    perm = record["perm"]
+    k = math.prod(kernel.shape[perm.ndim - 1:]) // perm.shape[-1]
+    return effective_method(cfg, perm.shape[-1], k)[0]
+
+
 def refresh_state(key, cfg: SparseConfig, records: dict, kernels: dict) -> dict:
     """One refresh, pure in its arrays: ``search_permutation`` on every ``"bimask"`` layer with its
     current permutation as the incumbent (an incumbent that is not a permutation, possible only
@@ -96,11 +104,11 @@ def refresh_state(key, cfg: SparseConfig, records: dict, kernels: dict) -> dict:
         ``(*stack, *kshape)`` kernels and ``(*stack, C)`` perms (checked by :func:`geometry`).
     """
     paths = sorted(records, key=_key)
-    searched = [p for p in paths
-                if effective_method(cfg, records[p]["perm"].shape[-1])[0] == "bimask"]
-    new = refresh_layers(key, [(kernels[p], safe_perm(records[p]["perm"])) for p in searched],
-                         cfg.n, cfg.m, cfg.num_candidates, cfg.chunk_size, cfg.search,
-                         cfg.search_iterations)
+    searched = [p for p in paths if _method(cfg, records[p], kernels[p]) == "bimask"]
+    new = refresh_layers(
+        key, [(kernels[p], safe_perm(records[p]["perm"]),
+               search_method(cfg, records[p]["perm"].shape[-1])[0]) for p in searched],
+        cfg.n, cfg.m, cfg.num_candidates, cfg.chunk_size, cfg.search_iterations, cfg.k_order)
     out = {p: {**records[p], "refreshes": records[p]["refreshes"] + 1} for p in paths}
     for p, perm in zip(searched, new, strict=True):
         out[p]["perm"] = perm

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bimask_jax.flax.layer import stacked_masks
-from bimask_jax.flax.selection import effective_method
+from bimask_jax.flax.layer import layer_matrix, stacked_masks
+from bimask_jax.flax.selection import effective_method, search_method
 from bimask_jax.flax.state import frontend, geometry, read
-from bimask_jax.permutation import retained_upper_bound, search_efficacy
+from bimask_jax.permutation import permutation_score, retained_upper_bound, search_efficacy
 
 _COLUMNS = ("path", "kind", "kernel_shape", "status", "method", "fwd_density", "bwd_density",
             "bwd_retained", "efficacy", "note")
@@ -32,17 +32,20 @@ def layers(model, variables=None, *, sample_args=None, sample_kwargs=None):
     return fe.layers(model, variables, sample_args, sample_kwargs)
 
 
-def _stats(kernel, perm, method: str, n: int, m: int) -> dict:
+def _stats(kernel, perm, method: str, n: int, m: int, k_order: str) -> dict:
     """Mask statistics of one (possibly stacked) sparse layer."""
-    fwd, bwd = stacked_masks(kernel, perm, n, m, method)
+    fwd, bwd = stacked_masks(kernel, perm, n, m, method, k_order)
     f, b = int(jnp.sum(fwd)), int(jnp.sum(bwd))
     out = dict(fwd_density=f / fwd.size, bwd_density=b / bwd.size,
                bwd_retained=(b / f) if f else 0.0, efficacy=None)
     if method == "bimask":
-        c = fwd.shape[-1]
-        # identity permutation: groups are m consecutive columns
-        ident = int(jnp.minimum(fwd.reshape(-1, c // m, m).sum(-1), n).sum())
-        upper = int(retained_upper_bound(fwd.reshape(-1, c), n, m))
+        c = perm.shape[-1]
+        # the stacked matrices as one (S * K, C): each has K * C % m == 0 entries, so no group
+        # (m consecutive entries, row-major, when they straddle rows) crosses two of them
+        mat = layer_matrix(fwd, c, k_order, perm.ndim - 1).reshape(-1, c)
+        ident = int(permutation_score(mat.astype(jnp.float32), mat, jnp.arange(c), n, m,
+                                      k_order=k_order))
+        upper = int(retained_upper_bound(mat, n, m, k_order=k_order))
         out["efficacy"] = float(search_efficacy(b, ident, upper))
     return out
 
@@ -112,10 +115,13 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
         if p is None:
             row.update(kernel_shape=x.kernel_shape, status="skipped", method="", note=x.note)
         else:
-            method, _, c = geometry(cfg, p, records[p], kernels[p])
-            note = x.note if x else effective_method(cfg, c)[1]
+            method, stack, c = geometry(cfg, p, records[p], kernels[p])
+            k = kernels[p][(0,) * len(stack)].size // c
+            note = x.note if x else (effective_method(cfg, c, k)[1]
+                                     or (search_method(cfg, c)[1] if method == "bimask" else ""))
             row.update(kernel_shape=tuple(kernels[p].shape), status="sparse", method=method,
-                       note=note, **_stats(kernels[p], records[p]["perm"], method, cfg.n, cfg.m))
+                       note=note, **_stats(kernels[p], records[p]["perm"], method, cfg.n, cfg.m,
+                                           cfg.k_order))
         rows.append(row)
     if print_fn is not None:
         print_fn(format_table(rows))
@@ -135,6 +141,6 @@ def export(model, variables=None):
     for p, rec in records.items():
         method = geometry(cfg, p, rec, kernels[p])[0]
         if method != "dense":
-            fwd, _ = stacked_masks(kernels[p], rec["perm"], cfg.n, cfg.m, method)
+            fwd, _ = stacked_masks(kernels[p], rec["perm"], cfg.n, cfg.m, method, cfg.k_order)
             masked[p] = jnp.where(fwd, kernels[p], jnp.zeros((), kernels[p].dtype))
     return frontend(model).write_kernels(model, variables, masked)
