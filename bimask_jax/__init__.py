@@ -10,7 +10,8 @@ The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendl
 
 Around it, for Flax models (linen and nnx): :func:`sparse` wraps an unmodified model;
 :func:`refresh` / :func:`maybe_refresh` / :func:`refresh_due` update the per-layer permutations;
-:func:`layers` says which layers are sparse and why; :func:`summary` reports per-layer sparsity; :func:`export` gives plain inference weights.
+:func:`layers` says which layers are sparse and why; :func:`summary` reports per-layer
+sparsity; :func:`export` gives plain inference weights.
 
 Kernel layout is Flax's: the last axis is the output axis C, every other axis is reduction; a conv
 kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``, rows ``Cin``
