@@ -5,7 +5,8 @@ A layer kernel has the input axes first and the output axes last. It is read as 
 ``(K, C)`` (:func:`layer_matrix`): ``C`` is the product of the output axes, ``K`` of the input axes,
 rows in ``k_order`` (``"hwi"``: row-major, for a conv window axes then ``Cin``; ``"ihw"``, the
 reference implementation's: a conv's ``Cin`` then window axes). Kernels stacked by
-``nn.scan``/``nnx.vmap`` carry extra leading axes; their permutations carry the same leading axes, ``perm.shape == (*stack, C)``.
+``nn.scan``/``nnx.vmap`` carry extra leading axes; their permutations carry the same leading axes,
+``perm.shape == (*stack, C)``.
 
 The Bi-Mask state of a layer is a *record*: a dict of arrays, one per field, defined in one place
 (:func:`new_record`); linen keeps it in the ``"bimask"`` collection at the layer's path, nnx in
