@@ -147,16 +147,18 @@ class Checkpointer:
                 for v in tree.values() if v["value_metadata"].get("write_shape") is not None}
         want = {_path(p): tuple(np.shape(x))
                 for p, x in jax.tree_util.tree_leaves_with_path(state_like)}
-        for path in sorted(set(have) | set(want)):
+        wrong = []
+        for path in sorted(set(have) | set(want), key=lambda p: (not p.startswith("params"), p)):
             if path not in have or path not in want:
                 where = "this model only" if path not in have else "the checkpoint only"
-                raise CheckpointError(f"checkpoint {step} ({root}) does not fit this model: array "
-                                      f"{path} is in {where} (different --arch or settings?)")
-            if have[path] != want[path]:
-                raise CheckpointError(
-                    f"checkpoint {step} ({root}) does not fit this model: array {path} has shape "
-                    f"{have[path]} in the checkpoint, {want[path]} here (different --width-mult, "
-                    "--arch or N:M?)")
+                wrong.append(f"array {path} is in {where}")
+            elif have[path] != want[path]:
+                wrong.append(f"array {path} has shape {have[path]} in the checkpoint, "
+                             f"{want[path]} here")
+        if wrong:
+            more = f" (and {len(wrong) - 1} more arrays)" if len(wrong) > 1 else ""
+            raise CheckpointError(f"checkpoint {step} ({root}) does not fit this model: "
+                                  f"{wrong[0]}{more}; different --arch, --width-mult or N:M?")
 
     def _restore_one(self, step: int, which: str, state_like: Any):
         meta = self.read_meta(step, which)

@@ -97,9 +97,12 @@ def _number(kind, *, lo=None, hi=None, lo_open=False, hi_open=False):
         below = lo is not None and (value <= lo if lo_open else value < lo)
         above = hi is not None and (value >= hi if hi_open else value > hi)
         if below or above:
-            rng = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
-                   f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
-            raise argparse.ArgumentTypeError(f"must be in {rng}, got {text!r}")
+            what = "an integer" if kind is int else "a number"
+            if hi is None:
+                rule = f"{what} {'>' if lo_open else '>='} {lo}"
+            else:
+                rule = f"{what} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse's "invalid <name> value" fallback
