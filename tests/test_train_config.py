@@ -125,3 +125,26 @@ def test_scripts_run_as_modules_from_the_repo_root():
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
         "python -m train.cifar: error: argument --eval-every: must be an integer >= 1, got '0'")
+
+
+def test_quickstart_calls_the_trainer_with_the_configuration_its_flags_meant(monkeypatch, tmp_path):
+    from train import cifar, quickstart
+
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg)
+        return {"final_top1": 50.0, "final_top5": 90.0, "seconds": 1.0}
+
+    monkeypatch.setattr(cifar, "train", fake_train)
+    out = quickstart.main(["--methods", "dense", "bimask", "--epochs", "3", "--run-dir",
+                           str(tmp_path)])
+    assert sorted(out) == ["bimask", "dense"]
+    for cfg, method in zip(seen, ("dense", "bimask"), strict=True):
+        # What the quickstart used to pass to train/cifar.py as argv strings.
+        want = cifar.parse(["--dataset", "digits", "--arch", "resnet20", "--method", method,
+                            "--epochs", "3", "--batch-size", "64", "--lr", "0.1",
+                            "--weight-decay", "0.0005", "--refresh-every", "100", "--seed", "0",
+                            "--log-every", "1000", "--eval-every", "3",
+                            "--run-dir", str(tmp_path / method)])
+        assert vars(cfg) == vars(want)
