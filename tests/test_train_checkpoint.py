@@ -80,3 +80,17 @@ def test_a_checkpoint_of_another_shape_names_the_array(tmp_path):
         c.restore(other)
     assert c.latest_step() == 6  # not mistaken for corruption: nothing moved
     c.close()
+
+
+@pytest.mark.parametrize("name", ["_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA",
+                                  "state/_sharding", "state/array_metadatas/process_0"])
+def test_any_empty_metadata_file_is_named_and_passed_over(tmp_path, name):
+    c = _two_checkpoints(tmp_path)
+    open(os.path.join(c.step_dir(6), name), "w").close()
+    c.close()
+    c = Checkpointer(str(tmp_path))  # orbax itself only logs the bad file here
+    said = []
+    state, meta = c.restore(_state(0), report=said.append)
+    assert meta["restored_from"] == 3 and int(state["step"]) == 3
+    assert f"last/6/{name} is unreadable (empty file)" in said[0]
+    c.close()

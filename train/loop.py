@@ -482,10 +482,15 @@ def check_sparse_layers(module, cfg, dense_layers: Sequence[str], data: DataSpec
     return ok
 
 
+@jax.jit
+def _finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _all_finite(tree) -> bool:
+    """Whether every float array of ``tree`` is finite (one compiled reduction per structure)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(jax.jit(lambda ls: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in ls])))(
-        leaves)) if leaves else True
+    return bool(_finite(leaves)) if leaves else True
 
 
 @dataclass
