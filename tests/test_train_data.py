@@ -72,6 +72,7 @@ def test_train_batches_deterministic_resumable_and_epoch_dependent(tree):
         np.testing.assert_array_equal(g["image"][1::2], x1["image"])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(tree):
     src = D.elements(D.scan_image_folder(os.path.join(tree, "train")))
     tf = D.DecodeTrain(8)
