@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -102,6 +101,7 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
         module, n=cfg.n, m=cfg.m, method=cfg.method, num_candidates=cfg.num_candidates,
         refresh_every=cfg.refresh_every, decay=cfg.decay, exclude=tuple(dense_layers),
         backend=cfg.kernels, search=cfg.search, search_iterations=cfg.search_iterations,
+        k_order=getattr(cfg, "k_order", "hwi"),
     )
     refresh = None
     if cfg.method == "bimask":
@@ -450,35 +450,26 @@ class NonFiniteError(TrainError):
     """The loss or the train state became NaN/inf; nothing non-finite was checkpointed."""
 
 
-def check_sparse_layers(module, cfg, dense_layers: Sequence[str], data: DataSpec) -> list[str]:
-    """Paths of the layers that can be N:M sparse at ``cfg.n:cfg.m``, from the plain module's
-    kernels (``jax.eval_shape``, no compute): a kernel (ndim >= 2) whose layer path matches no
-    ``dense_layers`` regex and whose input-channel axis (-2) is divisible by m. ValueError listing
-    every layer and why when none can be (e.g. ``--m 3`` or ``--m 64`` on a small model).
+def _sample(data: DataSpec):
+    return jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32)
 
-    This mirrors the wrapper's selection rule for the models here (a depthwise kernel has one
-    input channel per group, so it fails the divisibility test unless m = 1)."""
-    sample = jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32)
-    key = jax.random.PRNGKey(0)
-    shapes = jax.eval_shape(lambda: module.init({"params": key, "dropout": key}, sample,
-                                                train=False))["params"]
-    ok, why = [], []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if names[-1] != "kernel" or len(leaf.shape) < 2:
-            continue
-        layer = "/".join(names[:-1])
-        cin = leaf.shape[-2]
-        if any(re.search(pat, layer) for pat in dense_layers):
-            why.append(f"{layer}: kept dense by the model's exclusions")
-        elif cin % cfg.m:
-            why.append(f"{layer}: input channels {cin} not divisible by m={cfg.m}")
-        else:
-            ok.append(layer)
+
+def check_sparse_layers(module, cfg, dense_layers: Sequence[str], data: DataSpec) -> list[str]:
+    """Paths of the layers that ``bimask_jax.sparse`` makes N:M sparse for ``cfg`` (its own
+    selection rule, ``bimask_jax.layers``: traced abstractly, no compute). ValueError listing every
+    layer and why when none can be (e.g. ``--m 3`` or ``--m 64`` on a small model)."""
+    import bimask_jax as api
+
+    model = sparsify(module, cfg, dense_layers).model
+    layers = api.layers(model, sample_args=(_sample(data),), sample_kwargs={"train": False})
+    ok = [x.path for x in layers if x.sparse]
     if not ok:
+        why = [f"{x.path}: " + ("kept dense by the model's exclusions" if x.note == "excluded"
+                                else x.note) for x in layers]
         raise ValueError(
             f"--n/--m {cfg.n}:{cfg.m}: no layer of --arch {cfg.arch} can be N:M sparse (a sparse "
-            "layer needs its input channels divisible by m); per layer:\n  " + "\n  ".join(why))
+            f"layer needs its input channels, or with --k-order ihw its kernel size, divisible by "
+            f"m); per layer:\n  " + "\n  ".join(why))
     return ok
 
 
@@ -630,7 +621,7 @@ def setup(cfg: argparse.Namespace, module, dense_layers: Sequence[str], data: Da
         tx = make_optimizer(cfg, schedule)
         key = jax.random.PRNGKey(cfg.seed)
         k_init, k_train = jax.random.split(key)
-        sample = jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32)
+        sample = _sample(data)
 
         def init_fn():
             variables = dict(hooks.model.init({"params": k_init, "dropout": k_init}, sample,
@@ -782,7 +773,8 @@ def finish(r: Run) -> dict:
     variables = {"params": r.state["params"], **r.state["model_state"]}
     export_top1 = None
     if r.hooks.summary is not None and not r.stopped:
-        rows = r.hooks.summary(r.hooks.model, variables, print_fn=log.print)
+        rows = r.hooks.summary(r.hooks.model, variables, print_fn=log.print,
+                               sample_args=(_sample(r.data),), sample_kwargs={"train": False})
         if jax.process_index() == 0:
             with open(os.path.join(r.run_dir, "sparsity.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=str)
