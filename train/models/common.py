@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # PyTorch defaults: BatchNorm momentum 0.1 (= Flax 0.9), eps 1e-5.
@@ -11,6 +14,38 @@ BN_EPS = 1e-5
 
 # torchvision ResNets: kaiming normal, fan_out, gain sqrt(2).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# PyTorch's default initialisation of nn.Conv2d and nn.Linear (``reset_parameters``), which the
+# Bi-Mask reference networks keep (their kaiming-normal ``_init_conv`` call is commented out):
+# ``kaiming_uniform_(a=sqrt(5))`` = U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight, fan_in =
+# Cin * kh * kw (Conv kernel ``(kh, kw, Cin, Cout)``) or in_features (Dense kernel ``(in, out)``);
+# variance_scaling(1/3, "fan_in", "uniform") draws from U(-sqrt(3 * (1/3) / fan_in), ...), the
+# same interval.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+    """PyTorch's default bias initialisation of a conv/linear layer with ``fan_in`` inputs per
+    output: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the bias shape alone does not give fan_in)."""
+    if fan_in < 1:
+        raise ValueError(f"fan_in must be >= 1, got {fan_in}")
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def timm_trunc_normal(std: float = 0.02):
+    """timm's ``trunc_normal_(w, std=std)`` as the reference DeiT calls it: N(0, std^2) cut at the
+    absolute values +-2 (not +-2 std: at std 0.02 the cut is at 100 std, so this is a normal)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return (jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)
+                * std).astype(dtype)
+
+    return init
 
 
 def round_channels(channels: float, divisor: int = 4, minimum: int | None = None) -> int:
