@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -29,23 +30,25 @@ def torch_bias_init(fan_in: int):
     output: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the bias shape alone does not give fan_in)."""
     if fan_in < 1:
         raise ValueError(f"fan_in must be >= 1, got {fan_in}")
-    bound = 1.0 / math.sqrt(fan_in)
+    return functools.partial(uniform_init, bound=1.0 / math.sqrt(fan_in))
 
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return init
+def uniform_init(key, shape, dtype=jnp.float32, *, bound: float):
+    """U(-bound, bound) of ``shape`` and ``dtype``."""
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def timm_trunc_normal(std: float = 0.02):
     """timm's ``trunc_normal_(w, std=std)`` as the reference DeiT calls it: N(0, std^2) cut at the
     absolute values +-2 (not +-2 std: at std 0.02 the cut is at 100 std, so this is a normal)."""
 
-    def init(key, shape, dtype=jnp.float32):
-        return (jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)
-                * std).astype(dtype)
+    return functools.partial(cut_normal_init, std=std, cut=2.0)
 
-    return init
+
+def cut_normal_init(key, shape, dtype=jnp.float32, *, std: float, cut: float):
+    """N(0, std^2) restricted to [-cut, cut] (``cut`` in absolute units)."""
+    return (jax.random.truncated_normal(key, -cut / std, cut / std, shape, jnp.float32)
+            * std).astype(dtype)
 
 
 def round_channels(channels: float, divisor: int = 4, minimum: int | None = None) -> int:

@@ -35,6 +35,8 @@ class ClassifierConv(nn.Conv):
     """``NMConv`` with ``bias=True`` as the reference runs it: a ``bias`` parameter (PyTorch's
     default init) that the output never includes. ``use_bias`` must stay False."""
 
+    use_bias: bool = False
+
     @nn.compact
     def __call__(self, inputs):
         if self.use_bias:
@@ -69,6 +71,6 @@ class RefVGGCifar(nn.Module):
         if x.shape[1:3] != (1, 1):
             raise ValueError(f"the reference VGG needs a 1x1 feature map before its classifier "
                              f"(32x32 input); got {x.shape[1]}x{x.shape[2]}")
-        x = ClassifierConv(self.num_classes, (1, 1), use_bias=False,
-                           kernel_init=torch_kernel_init, dtype=self.dtype, name="classifier")(x)
+        x = ClassifierConv(self.num_classes, (1, 1), kernel_init=torch_kernel_init,
+                           dtype=self.dtype, name="classifier")(x)
         return x.reshape(x.shape[0], -1)  # out.flatten(1)
