@@ -311,14 +311,14 @@ def test_pytorch_default_initializers_draw_the_pytorch_distribution():
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for a conv kernel (kh, kw, Cin, Cout) with fan_in =
     kh*kw*Cin and a Dense kernel with fan_in = in; cut normal: std 0.02, beyond 2 std."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    for key, shape, fan_in in ((k1, (3, 3, 64, 96), 576), (k2, (512, 200), 512)):
+    for key, shape, fan_in in ((k1, (3, 3, 64, 96), 576), (k2, (512, 96), 512)):
         w = np.asarray(torch_kernel_init(key, shape)).ravel()
         bound = 1.0 / math.sqrt(fan_in)
         assert np.abs(w).max() <= bound and np.abs(w).max() > 0.999 * bound
-        assert abs(w.std() * math.sqrt(3) / bound - 1) < 0.01 and abs(w.mean()) < 0.01 * bound
-    b = np.asarray(torch_bias_init(27)(k3, (40_000,)))
-    assert np.abs(b).max() <= 1 / math.sqrt(27) and np.abs(b).max() > 0.999 / math.sqrt(27)
-    w = np.asarray(timm_trunc_normal(0.02)(k3, (100_000,)))
+        assert abs(w.std() * math.sqrt(3) / bound - 1) < 0.015 and abs(w.mean()) < 0.015 * bound
+    b = np.asarray(torch_bias_init(27)(k3, (96,)))
+    assert np.abs(b).max() <= 1 / math.sqrt(27) and np.abs(b).max() > 0.9 / math.sqrt(27)
+    w = np.asarray(timm_trunc_normal(0.02)(k2, (3, 3, 64, 96))).ravel()
     assert abs(w.std() / 0.02 - 1) < 0.01 and np.abs(w).max() > 3.5 * 0.02
     with pytest.raises(ValueError, match="fan_in"):
         torch_bias_init(0)
