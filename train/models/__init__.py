@@ -1,5 +1,21 @@
-"""Model registry: architecture names (ours and the PyTorch reference's) -> linen modules, and the
-layers each architecture keeps dense under N:M sparsity (as in the paper)."""
+"""Model registry: architecture names -> linen modules, the layers each keeps dense under N:M
+sparsity, and which of its layers the Bi-Mask reference makes sparse only with its "ihw" grouping.
+
+Two kinds of networks:
+
+- **The reference's networks, under the reference's names** (``zyxxmu/Bi-Mask``:
+  ``CnnModels/models/__init__.py`` and the DeiT timm registry): ``resnet32_cifar10``,
+  ``resnet32_cifar100``, ``vgg19_cifar10``, ``vgg19_cifar100`` (defined in its ``vgg.py``, not
+  exported), ``mobilenetv2``, ``resnet18``, ``resnet50``, ``vit_deit_{tiny,small,base}_patch16_224``
+  and ``deit_{tiny,small,base}_patch16_224``: its widths, layer order, activations, biases, its
+  sparse layer set and its initialisation (PyTorch's defaults). The same classes at other depths
+  carry the same spellings: ``resnet{8,14,20,44,56,110}_cifar{10,100}``, ``resnet34``,
+  ``resnet101``, ``mobilenetv2_cifar10`` (= ``mobilenetv2``) and ``mobilenetv2_cifar100``.
+- **The standard architectures, under their own names**: ``resnet{8..110}`` (He et al.'s CIFAR
+  ResNets, 16/32/64), ``vgg19`` (``vgg19_bn``), ``mobilenet_v2`` (Sandler et al.: depthwise, ReLU6),
+  ``tv_resnet{18,34,50,101}`` (torchvision's init), ``deit_{tiny,small,base}`` (this project's
+  DeiT init).
+"""
 
 from __future__ import annotations
 
@@ -9,46 +25,71 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from train.models import mobilenetv2, resnet_cifar, resnet_imagenet, vgg, vit
+from train.models import (
+    mobilenetv2,
+    ref_mobilenetv2,
+    ref_resnet_cifar,
+    ref_resnet_imagenet,
+    ref_vgg,
+    resnet_cifar,
+    resnet_imagenet,
+    vgg,
+    vit,
+)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A built model: the linen module, the regexes of layers kept dense, and its family
-    ("cifar_resnet", "vgg", "mobilenetv2", "resnet", "deit") which selects the recipe."""
+    """A built model.
+
+    Attributes:
+      module: the linen module (``module.apply(v, x, train=...)``, ``x`` ``(N, H, W, 3)``).
+      dense_layers: regexes (``re.search`` on "/"-joined layer paths from the model root) of the
+        layers kept dense: pass as ``exclude`` to ``bimask_jax.sparse``.
+      family: "cifar_resnet", "vgg", "mobilenetv2", "resnet" or "deit"; selects the recipe.
+      reference: True for the Bi-Mask reference's networks.
+      ihw_layers: regexes of the layers the reference makes sparse whose ``Cin`` is not a multiple
+        of M (the 3-channel stems, K = 3*3*3 = 27): sparse only with ``k_order="ihw"`` (groups
+        of M along the flattened ``(Cin, kh, kw)`` axis, straddling output channels); with
+        ``"hwi"`` the library leaves them dense ("input channels 3 not divisible by m").
+    """
 
     module: nn.Module
     dense_layers: tuple[str, ...]
     family: str
+    reference: bool = False
+    ihw_layers: tuple[str, ...] = ()
 
 
-# canonical name -> (family, constructor kwargs)
-_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
-    "resnet8": ("cifar_resnet", {"depth": 8}),
-    "resnet14": ("cifar_resnet", {"depth": 14}),
-    "resnet20": ("cifar_resnet", {"depth": 20}),
-    "resnet32": ("cifar_resnet", {"depth": 32}),
-    "resnet44": ("cifar_resnet", {"depth": 44}),
-    "resnet56": ("cifar_resnet", {"depth": 56}),
-    "resnet110": ("cifar_resnet", {"depth": 110}),
-    "vgg19": ("vgg", {}),
-    "mobilenetv2": ("mobilenetv2", {}),
-    "resnet18": ("resnet", {"depth": 18}),
-    "resnet34": ("resnet", {"depth": 34}),
-    "resnet50": ("resnet", {"depth": 50}),
-    "resnet101": ("resnet", {"depth": 101}),
-    "deit_tiny": ("deit", {"dim": 192, "depth": 12, "heads": 3}),
-    "deit_small": ("deit", {"dim": 384, "depth": 12, "heads": 6}),
+# canonical name -> (family, reference?, constructor kwargs)
+_ARCHS: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    # standard architectures
+    **{f"resnet{d}": ("cifar_resnet", False, {"depth": d}) for d in resnet_cifar.DEPTHS},
+    "vgg19": ("vgg", False, {}),
+    "mobilenet_v2": ("mobilenetv2", False, {}),
+    **{f"tv_resnet{d}": ("resnet", False, {"depth": d}) for d in (18, 34, 50, 101)},
+    "deit_tiny": ("deit", False, {"dim": 192, "depth": 12, "heads": 3}),
+    "deit_small": ("deit", False, {"dim": 384, "depth": 12, "heads": 6}),
+    "deit_base": ("deit", False, {"dim": 768, "depth": 12, "heads": 12}),
+    # the reference's networks
+    **{f"resnet{d}_cifar{k}": ("cifar_resnet", True, {"depth": d, "classes": k})
+       for d in resnet_cifar.DEPTHS for k in (10, 100)},
+    "vgg19_cifar10": ("vgg", True, {"classes": 10}),
+    "vgg19_cifar100": ("vgg", True, {"classes": 100}),
+    "mobilenetv2": ("mobilenetv2", True, {"classes": 10}),
+    "mobilenetv2_cifar10": ("mobilenetv2", True, {"classes": 10}),
+    "mobilenetv2_cifar100": ("mobilenetv2", True, {"classes": 100}),
+    **{f"resnet{d}": ("resnet", True, {"depth": d}) for d in (18, 34, 50, 101)},
+    "vit_deit_tiny_patch16_224": ("deit", True, {"dim": 192, "depth": 12, "heads": 3}),
+    "vit_deit_small_patch16_224": ("deit", True, {"dim": 384, "depth": 12, "heads": 6}),
+    "vit_deit_base_patch16_224": ("deit", True, {"dim": 768, "depth": 12, "heads": 12}),
 }
 
-# Reference (PyTorch Bi-Mask repo) and timm spellings.
 _ALIASES = {
-    **{f"resnet{d}_cifar{k}": f"resnet{d}" for d in (20, 32, 44, 56, 110) for k in (10, 100)},
-    "vgg19_cifar10": "vgg19", "vgg19_cifar100": "vgg19", "vgg19_bn": "vgg19",
-    "mobilenetv2_cifar10": "mobilenetv2", "mobilenetv2_cifar100": "mobilenetv2",
-    "mobilenet_v2": "mobilenetv2",
-    "vit_deit_tiny_patch16_224": "deit_tiny", "deit_tiny_patch16_224": "deit_tiny",
-    "vit_deit_small_patch16_224": "deit_small", "deit_small_patch16_224": "deit_small",
+    "vgg19_bn": "vgg19",
+    "deit_tiny_patch16_224": "vit_deit_tiny_patch16_224",
+    "deit_small_patch16_224": "vit_deit_small_patch16_224",
+    "deit_base_patch16_224": "vit_deit_base_patch16_224",
 }
 
 CIFAR_FAMILIES = ("cifar_resnet", "vgg", "mobilenetv2")
@@ -68,6 +109,11 @@ def arch_family(arch: str) -> str:
     return _ARCHS[canonical_arch(arch)][0]
 
 
+def is_reference_arch(arch: str) -> bool:
+    """Whether ``arch`` names one of the Bi-Mask reference's networks."""
+    return _ARCHS[canonical_arch(arch)][1]
+
+
 def create_model(
     arch: str,
     num_classes: int,
@@ -83,34 +129,57 @@ def create_model(
     ``width_mult`` scales every width (rounded to multiples of 4, or 8 for MobileNetV2, so that
     N:M groups along input channels divide). ``depth`` overrides the number of DeiT blocks and
     ``patch_size`` the DeiT patch (small test models); ``drop_path`` is DeiT's stochastic depth.
+    The reference's CIFAR names fix the dataset (``resnet32_cifar100``: 100 classes;
+    ``mobilenetv2``: 10): another ``num_classes`` is a ValueError.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if width_mult <= 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
-    family, kw = _ARCHS[canonical_arch(arch)]
+    name = canonical_arch(arch)
+    family, ref, kw = _ARCHS[name]
     kw = dict(kw)
+    classes = kw.pop("classes", None)
+    if classes is not None and classes != num_classes:
+        raise ValueError(f"--arch {arch} is the reference's {classes}-class network, but the data "
+                         f"has num_classes={num_classes}")
+    common = dict(num_classes=num_classes, width_mult=width_mult, dtype=dtype)
+    ihw: tuple[str, ...] = ()
     if family == "cifar_resnet":
-        module = resnet_cifar.ResNetCifar(num_classes=num_classes, width_mult=width_mult,
-                                          dtype=dtype, **kw)
-        dense = resnet_cifar.DENSE_LAYERS
+        if ref:
+            module = ref_resnet_cifar.RefResNetCifar(**common, **kw)
+            dense, ihw = ref_resnet_cifar.DENSE_LAYERS, ref_resnet_cifar.IHW_LAYERS
+        else:
+            module = resnet_cifar.ResNetCifar(**common, **kw)
+            dense = resnet_cifar.DENSE_LAYERS
     elif family == "vgg":
-        module = vgg.VGGCifar(num_classes=num_classes, width_mult=width_mult, dtype=dtype)
-        dense = vgg.DENSE_LAYERS
+        if ref:
+            module = ref_vgg.RefVGGCifar(**common)
+            dense, ihw = ref_vgg.DENSE_LAYERS, ref_vgg.IHW_LAYERS
+        else:
+            module = vgg.VGGCifar(**common)
+            dense = vgg.DENSE_LAYERS
     elif family == "mobilenetv2":
-        module = mobilenetv2.MobileNetV2Cifar(num_classes=num_classes, width_mult=width_mult,
-                                              dtype=dtype)
-        dense = mobilenetv2.DENSE_LAYERS
+        if ref:
+            module = ref_mobilenetv2.RefMobileNetV2(**common)
+            dense, ihw = ref_mobilenetv2.DENSE_LAYERS, ref_mobilenetv2.IHW_LAYERS
+        else:
+            module = mobilenetv2.MobileNetV2Cifar(**common)
+            dense = mobilenetv2.DENSE_LAYERS
     elif family == "resnet":
-        module = resnet_imagenet.ResNet(num_classes=num_classes, width_mult=width_mult,
-                                        dtype=dtype, **kw)
-        dense = resnet_imagenet.DENSE_LAYERS
+        if ref:
+            module = ref_resnet_imagenet.RefResNet(**common, **kw)
+            dense, ihw = ref_resnet_imagenet.DENSE_LAYERS, ref_resnet_imagenet.IHW_LAYERS
+        else:
+            module = resnet_imagenet.ResNet(**common, **kw)
+            dense = resnet_imagenet.DENSE_LAYERS
     else:
         heads = kw["heads"]
         dim = max(4 * heads, int(round(kw["dim"] * width_mult / (4 * heads))) * 4 * heads)
         module = vit.VisionTransformer(
             num_classes=num_classes, dim=dim, depth=depth or kw["depth"], heads=heads,
-            patch_size=patch_size or 16, drop_path=drop_path, dtype=dtype,
+            patch_size=patch_size or 16, drop_path=drop_path, dtype=dtype, reference_init=ref,
         )
         dense = vit.DENSE_LAYERS
-    return ModelSpec(module=module, dense_layers=dense, family=family)
+    return ModelSpec(module=module, dense_layers=dense, family=family, reference=ref,
+                     ihw_layers=ihw)

@@ -4,6 +4,14 @@ DeiT-Tiny: dim 192, 12 blocks, 3 heads. DeiT-Small: dim 384, 12 blocks, 6 heads.
 ``(N, H, W, 3)`` with H, W multiples of ``patch_size``; logits ``(N, num_classes)`` from the class
 token. Module names: ``patch_embed`` (conv, kept dense), ``block{i}/attn/qkv``, ``block{i}/attn/proj``,
 ``block{i}/mlp/fc1``, ``block{i}/mlp/fc2`` (all sparse), ``head`` (kept dense).
+
+``reference_init=True`` initialises as the Bi-Mask reference's DeiT (its modified timm
+``VisionTransformer``, ``vit_deit_*_patch16_224``): its ``_init_weights`` reaches only the sparse
+linears (qkv, proj, fc1, fc2: N(0, 0.02^2) cut at +-2, zero bias) and the LayerNorms, so
+``patch_embed`` (``nn.Conv2d``) and ``head`` (``nn.Linear``) keep PyTorch's default init
+(U(+-1/sqrt(fan_in)) weights and biases); ``cls_token`` and ``pos_embed`` are N(0, 0.02^2) cut at
++-2. The default (``False``) keeps this module's init: Flax's truncated normal at +-2 std with std
+0.02 everywhere, zero biases.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from train.models.common import timm_trunc_normal, torch_bias_init, torch_kernel_init
 
 DENSE_LAYERS = (r"(^|/)patch_embed$", r"(^|/)head$")
 
@@ -34,18 +44,19 @@ class Attention(nn.Module):
     dim: int
     heads: int
     dtype: Any = jnp.float32
+    kernel_init: Any = trunc02
 
     @nn.compact
     def __call__(self, x):
         b, t, _ = x.shape
         hd = self.dim // self.heads
-        qkv = nn.Dense(3 * self.dim, kernel_init=trunc02, dtype=self.dtype, name="qkv")(x)
+        qkv = nn.Dense(3 * self.dim, kernel_init=self.kernel_init, dtype=self.dtype, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, hd), 3, axis=2)
         q, k, v = (a[:, :, 0] for a in (q, k, v))  # (B, T, heads, hd)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
         w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, self.dim)
-        return nn.Dense(self.dim, kernel_init=trunc02, dtype=self.dtype, name="proj")(y)
+        return nn.Dense(self.dim, kernel_init=self.kernel_init, dtype=self.dtype, name="proj")(y)
 
 
 class Mlp(nn.Module):
@@ -54,12 +65,13 @@ class Mlp(nn.Module):
     dim: int
     hidden: int
     dtype: Any = jnp.float32
+    kernel_init: Any = trunc02
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.hidden, kernel_init=trunc02, dtype=self.dtype, name="fc1")(x)
+        x = nn.Dense(self.hidden, kernel_init=self.kernel_init, dtype=self.dtype, name="fc1")(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(self.dim, kernel_init=trunc02, dtype=self.dtype, name="fc2")(x)
+        return nn.Dense(self.dim, kernel_init=self.kernel_init, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -70,14 +82,15 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     dtype: Any = jnp.float32
+    kernel_init: Any = trunc02
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-        x = x + drop_path(Attention(self.dim, self.heads, self.dtype, name="attn")(y),
+        x = x + drop_path(Attention(self.dim, self.heads, self.dtype, self.kernel_init, name="attn")(y),
                           self.drop_path, train, self)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-        y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
+        y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype, self.kernel_init, name="mlp")(y)
         return x + drop_path(y, self.drop_path, train, self)
 
 
@@ -92,6 +105,7 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     dtype: Any = jnp.float32
+    reference_init: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -101,17 +115,25 @@ class VisionTransformer(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} must be a multiple of patch_size={self.patch_size}")
         p = self.patch_size
-        x = nn.Conv(self.dim, (p, p), strides=p, padding="VALID", kernel_init=trunc02,
-                    dtype=self.dtype, name="patch_embed")(x)
+        if self.reference_init:
+            lin_init = tok_init = timm_trunc_normal(0.02)
+            embed_init = dict(kernel_init=torch_kernel_init,
+                              bias_init=torch_bias_init(x.shape[-1] * p * p))
+            head_init = dict(kernel_init=torch_kernel_init, bias_init=torch_bias_init(self.dim))
+        else:
+            lin_init = tok_init = trunc02
+            embed_init = head_init = dict(kernel_init=trunc02)
+        x = nn.Conv(self.dim, (p, p), strides=p, padding="VALID", dtype=self.dtype,
+                    name="patch_embed", **embed_init)(x)
         b = x.shape[0]
         x = x.reshape(b, -1, self.dim)
-        cls = self.param("cls_token", trunc02, (1, 1, self.dim))
-        pos = self.param("pos_embed", trunc02, (1, x.shape[1] + 1, self.dim))
+        cls = self.param("cls_token", tok_init, (1, 1, self.dim))
+        pos = self.param("pos_embed", tok_init, (1, x.shape[1] + 1, self.dim))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)
         for i in range(self.depth):
             rate = self.drop_path * i / max(1, self.depth - 1)
-            x = Block(self.dim, self.heads, self.mlp_ratio, rate, self.dtype, name=f"block{i}")(x, train)
+            x = Block(self.dim, self.heads, self.mlp_ratio, rate, self.dtype, lin_init,
+                      name=f"block{i}")(x, train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        return nn.Dense(self.num_classes, kernel_init=trunc02, dtype=self.dtype,
-                        name="head")(x[:, 0])
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head", **head_init)(x[:, 0])
