@@ -165,12 +165,15 @@ def search_permutation(
     iterations: int = 100,
     kick: int = 0,
     k_order: str = "hwi",
+    keep_incumbent: bool = True,
 ):
     """Searches the output-column permutation of the backward mask, starting from an incumbent.
 
     ``method="random"``: the best of the incumbent and ``num_candidates`` random permutations (the
-    paper draws its candidates the same way; unlike the reference code, which keeps the best of the
-    candidates alone, the incumbent is kept unless a candidate scores strictly higher). Candidate
+    paper draws its candidates the same way). The incumbent is kept unless a candidate scores
+    strictly higher; ``keep_incumbent=False`` is the reference code's policy instead: the best of
+    the ``num_candidates`` fresh candidates alone (the first maximum), even when it scores lower
+    than the incumbent. Candidate
     ``i`` is ``jax.random.permutation(jax.random.split(key, num_candidates)[i], C)``; candidates are
     generated and scored with ``vmap`` in chunks of ``chunk_size`` (``lax.map``), so all candidates
     are never held at once. Peak extra memory is about ``chunk_size * K * C`` bytes (one int8
@@ -213,6 +216,9 @@ def search_permutation(
         0 or 1: stop there instead).
       k_order: ``"hwi"`` (default) or ``"ihw"``: how the forward mask is computed when ``fwd`` is
         None, and the backward groups when ``C % m != 0``.
+      keep_incumbent: ``"random"`` only: ``True`` (default) keeps ``init`` unless a candidate is
+        strictly better; ``False`` discards it (the reference code; ``num_candidates=0`` still
+        returns ``init``). The local searches always start from, and never go below, ``init``.
 
     Returns:
       int32 ``(C,)``, the best permutation found.
@@ -227,9 +233,11 @@ def search_permutation(
         if chunk_size is None:
             chunk_size = default_chunk_size(kernel.size // c, c, num_candidates)
         chunk_size = check_count("chunk_size", chunk_size, 1)
+        if not isinstance(keep_incumbent, bool):
+            raise ValueError(f"keep_incumbent must be a bool, got {keep_incumbent!r}")
         return _random_search(
             key, kernel, fwd, init, n=n, m=m, num_candidates=num_candidates,
-            chunk_size=chunk_size, k_order=k_order,
+            chunk_size=chunk_size, k_order=k_order, keep_incumbent=keep_incumbent,
         )
     iterations = check_count("iterations", iterations, 0)
     kick = check_count("kick", kick, 0)
@@ -261,9 +269,11 @@ def _start(kernel, fwd, init, n: int, m: int, k_order: str):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("n", "m", "num_candidates", "chunk_size", "k_order")
+    jax.jit,
+    static_argnames=("n", "m", "num_candidates", "chunk_size", "k_order", "keep_incumbent"),
 )
-def _random_search(key, kernel, fwd, init, *, n, m, num_candidates, chunk_size, k_order):
+def _random_search(key, kernel, fwd, init, *, n, m, num_candidates, chunk_size, k_order,
+                   keep_incumbent=True):
     init, ft = _start(kernel, fwd, init, n, m, k_order)
     if num_candidates == 0:
         return init
@@ -277,6 +287,8 @@ def _random_search(key, kernel, fwd, init, *, n, m, num_candidates, chunk_size, 
         lambda kk: _score(ft, draw(kk), n, m), keys, batch_size=min(chunk_size, num_candidates)
     )
     best = jnp.argmax(scores)  # first maximum: earlier candidates win ties
+    if not keep_incumbent:
+        return draw(keys[best])
     return jnp.where(scores[best] > _score(ft, init, n, m), draw(keys[best]), init)
 
 

@@ -105,3 +105,25 @@ def test_search_errors():
         bj.search_permutation(jax.random.key(0), _kernel((16, 6)), 2, 4, 4)
     with pytest.raises(ValueError, match="perm must have an integer dtype"):
         bj.permutation_score(k, jnp.ones((16, 8), bool), np.arange(8.0), 2, 4)
+
+
+def test_discard_incumbent_is_the_best_fresh_candidate():
+    """keep_incumbent=False (the reference's refresh): the first best of the fresh candidates, even
+    when the incumbent scores higher; NumPy scores of every candidate give the expected answer."""
+    k = jax.random.normal(jax.random.key(3), (16, 12))
+    fwd = bj.forward_mask(k, 2, 4)
+    key = jax.random.key(4)
+    # an incumbent better than any of 3 random candidates: the best of 200
+    best = bj.search_permutation(jax.random.key(5), k, 2, 4, 200)
+    got = bj.search_permutation(key, k, 2, 4, 3, init=best, keep_incumbent=False)
+    cands = [np.asarray(jax.random.permutation(kk, 12)) for kk in jax.random.split(key, 3)]
+    w, f = np.asarray(k, np.float64), np.asarray(fwd)
+    scores = [int(ref.backward_mask(w, f, p, 2, 4).sum()) for p in cands]
+    np.testing.assert_array_equal(got, cands[int(np.argmax(scores))])
+    assert int(bj.permutation_score(k, fwd, best, 2, 4)) > max(scores)  # so discarding shows
+    kept = bj.search_permutation(key, k, 2, 4, 3, init=best)
+    np.testing.assert_array_equal(kept, best)
+    np.testing.assert_array_equal(
+        bj.search_permutation(key, k, 2, 4, 0, init=best, keep_incumbent=False), best)
+    with pytest.raises(ValueError, match="keep_incumbent must be a bool"):
+        bj.search_permutation(key, k, 2, 4, 3, keep_incumbent=1)

@@ -113,3 +113,26 @@ def test_summary_reports_search_efficacy():
     assert got > ident
     assert rows["conv"]["efficacy"] == pytest.approx((got - ident) / (upper - ident))
     assert rows["head"]["efficacy"] is None  # srste fallback: no permutation
+
+
+def test_discard_policy_takes_the_best_fresh_candidate():
+    """sparse(..., keep_incumbent=False): the reference's refresh, the best of the fresh candidates
+    (layer 0 of the searched layers uses fold_in(key, 0)), even below the incumbent."""
+    model, v = _model(num_candidates=2, keep_incumbent=False)
+    assert model.config.search == "random"  # "auto" with the discard policy
+    kernel = v["params"]["conv"]["kernel"]
+    w = np.asarray(kernel).reshape(-1, 16)
+    best = bf.refresh(jax.random.key(0), bf.sparse(Two(), search="random", num_candidates=300),
+                      v)["conv"]["perm"]
+    v = {**v, "bimask": {**v["bimask"], "conv": {**v["bimask"]["conv"], "perm": best}}}
+    key = jax.random.key(2)
+    new = bf.refresh(key, model, v)["conv"]["perm"]
+    cands = [np.asarray(jax.random.permutation(kk, 16))
+             for kk in jax.random.split(jax.random.fold_in(key, 0), 2)]
+    scores = [_retained(kernel, p) for p in cands]
+    np.testing.assert_array_equal(new, cands[int(np.argmax(scores))])
+    assert _retained(w, best) > max(scores)
+    with pytest.raises(ValueError, match="keep_incumbent must be a bool"):
+        bf.sparse(Two(), keep_incumbent="no")
+    with pytest.raises(ValueError, match="keep_incumbent=False is a policy of search='random'"):
+        bf.sparse(Two(), keep_incumbent=False, search="stripe")

@@ -78,6 +78,10 @@ class SparseConfig:
         consecutive entries of the flattened kernel, straddling output channels (forward) or rows
         (backward) when ``K % m`` or ``C % m`` is not 0, so a layer needs only ``K * C % m == 0``
         (the 3-channel stems become sparse, as in the reference). Dense layers read the same.
+      keep_incumbent: refresh policy of the ``"random"`` search: ``True`` (default) keeps a layer's
+        current permutation unless a candidate is strictly better (a refresh never lowers its
+        score); ``False`` takes the best of the fresh candidates, as the reference code does (only
+        with ``search="random"``; ``"auto"`` then means ``"random"``).
     """
 
     n: int = 2
@@ -93,6 +97,7 @@ class SparseConfig:
     search: str = "auto"
     search_iterations: int = 100
     k_order: str = "hwi"
+    keep_incumbent: bool = True
 
     def __post_init__(self):
         n, m = check_nm(self.n, self.m)
@@ -113,8 +118,14 @@ class SparseConfig:
         cs = self.chunk_size
         if cs is not None and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
             raise ValueError(f"chunk_size must be None or a Python int >= 1, got {cs!r}")
+        if not isinstance(self.keep_incumbent, bool):
+            raise ValueError(f"keep_incumbent must be a bool, got {self.keep_incumbent!r}")
         if self.search == "auto":
-            object.__setattr__(self, "search", "stripe" if m <= STRIPE_MAX_M else "random")
+            local = m <= STRIPE_MAX_M and self.keep_incumbent
+            object.__setattr__(self, "search", "stripe" if local else "random")
+        if not self.keep_incumbent and self.search != "random":
+            raise ValueError(f"keep_incumbent=False is a policy of search='random' (the local "
+                             f"searches start from the incumbent), got search={self.search!r}")
         if self.search not in SEARCH_METHODS:
             raise ValueError(
                 f"search must be 'auto' or one of {SEARCH_METHODS}, got {self.search!r}"

@@ -221,9 +221,10 @@ def is_channels_last(dn, ndim: int) -> bool:
     return isinstance(dn, lax.ConvDimensionNumbers) and tuple(map(tuple, dn)) == want
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10))
 def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, chunk_size=None,
-                   search: str = "random", iterations: int = 64, k_order: str = "hwi"):
+                   search: str = "random", iterations: int = 64, k_order: str = "hwi",
+                   keep_incumbent: bool = True):
     """``search_permutation`` vmapped over ``S`` same-shape layers.
 
     Args:
@@ -232,6 +233,7 @@ def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, ch
       chunk_size: candidates per chunk; None: ``permutation.default_chunk_size`` for the ``S``
         searches at once.
       search, iterations: ``search_permutation``'s ``method`` and (local searches) ``iterations``.
+      keep_incumbent: ``search_permutation``'s refresh policy (``"random"``).
 
     Returns:
       int32 ``(S, C)``.
@@ -247,13 +249,13 @@ def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, ch
             return search_permutation(kk, w, n, m, init=p, method=search, iterations=iterations,
                                       k_order=k_order)
         return search_permutation(kk, w, n, m, num_candidates, init=p, chunk_size=chunk_size,
-                                  k_order=k_order)
+                                  k_order=k_order, keep_incumbent=keep_incumbent)
 
     return jax.vmap(one)(keys, kernels, perms).astype(jnp.int32)
 
 
 def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=None,
-                   iterations: int = 64, k_order: str = "hwi"):
+                   iterations: int = 64, k_order: str = "hwi", keep_incumbent: bool = True):
     """One refresh of several (possibly stacked) layers: ``search_permutation`` on every kernel
     with its current permutation as incumbent. Layers whose matrices have the same ``(K, C)`` and
     search method are searched together in one vmapped call (one compile per distinct shape).
@@ -264,6 +266,7 @@ def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=
       layers: sequence of ``(kernel (*stack, *kshape), perm (*stack, C), search)``, ``search`` the
         layer's ``search_permutation`` method.
       k_order: how kernels are read as matrices (:func:`layer_matrix`).
+      keep_incumbent: the ``"random"`` search's refresh policy (``search_permutation``).
 
     Returns:
       list of new permutations, int32, shaped like the ``perm`` inputs.
@@ -286,7 +289,7 @@ def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=
         ws = jnp.concatenate([flat[i][1] for i in idx])
         ps = jnp.concatenate([flat[i][2] for i in idx])
         new = search_stacked(keys, ws, ps, n, m, num_candidates, chunk_size, search, iterations,
-                             k_order)
+                             k_order, keep_incumbent)
         start = 0
         for i in idx:
             size = flat[i][2].shape[0]

@@ -108,7 +108,8 @@ def refresh_state(key, cfg: SparseConfig, records: dict, kernels: dict) -> dict:
     new = refresh_layers(
         key, [(kernels[p], safe_perm(records[p]["perm"]),
                search_method(cfg, records[p]["perm"].shape[-1])[0]) for p in searched],
-        cfg.n, cfg.m, cfg.num_candidates, cfg.chunk_size, cfg.search_iterations, cfg.k_order)
+        cfg.n, cfg.m, cfg.num_candidates, cfg.chunk_size, cfg.search_iterations, cfg.k_order,
+        cfg.keep_incumbent)
     out = {p: {**records[p], "refreshes": records[p]["refreshes"] + 1} for p in paths}
     for p, perm in zip(searched, new, strict=True):
         out[p]["perm"] = perm
@@ -117,7 +118,8 @@ def refresh_state(key, cfg: SparseConfig, records: dict, kernels: dict) -> dict:
 
 def refresh(key, model, variables=None):
     """Runs ``search_permutation`` for every Bi-Mask layer with its current permutation as the
-    incumbent (so a refresh never lowers a layer's retained count) and returns the new state.
+    incumbent (so a refresh never lowers a layer's retained count, unless
+    ``sparse(..., keep_incumbent=False)``, the reference's policy) and returns the new state.
 
     Args:
       key: PRNG key; layer ``i`` (in sorted path order) uses ``fold_in(key, i)``, stacked layers a
