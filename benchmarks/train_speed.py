@@ -100,7 +100,6 @@ def jax_steps(name: str, method: str):
 
 
 def torch_dense(batch: int, depth: int, widths: tuple[int, int, int]):
-    import torch
     import torch.nn as tnn
     import torch.nn.functional as F
 
