@@ -1,5 +1,7 @@
 """train.xla_cpu: the rule, the XLA_FLAGS form, the per-compilation option and which path ran."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +148,20 @@ backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
 }
 """
     assert xla_cpu.ynn_convolutions(text) == (1, 3)
+
+
+def test_conftest_choice_reaches_xla():
+    """tests/conftest.py's process-wide choice is what XLA compiles with (run the suite with
+    BIMASK_XLA_CPU_CONV=eigen to check the Eigen path)."""
+    from tests import conftest
+
+    x, w = jnp.ones((1, 6, 6, 8)), jnp.ones((3, 3, 8, 8))
+    exe = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(x, w).compile()
+    in_ynn, total = xla_cpu.ynn_convolutions(exe.as_text())
+    assert total == 1
+    if os.environ.get("BIMASK_XLA_CPU_CONV") == "eigen":
+        assert conftest.CHOICE.path == "eigen"
+    if conftest.CHOICE.path == "eigen":
+        assert xla_cpu.EIGEN_FLAG in os.environ["XLA_FLAGS"]
+        assert in_ynn == 0
