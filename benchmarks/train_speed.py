@@ -7,7 +7,9 @@ beside PyTorch's dense step and the authors' Bi-Mask step (zyxxmu/Bi-Mask) when 
    (``width_mult=2``, 1,849,898 parameters) and ResNet-20 (16/32/64), unwrapped (dense) and wrapped
    with ``bimask_jax`` ``method="bimask"`` (stem and classifier dense, as ``train/cifar.py``). Both
    conv paths of one model are compiled from the same lowering (per-compilation options) and timed
-   round-robin in this process, with the PyTorch rows, so machine noise hits all alike. The
+   round-robin in this process, so machine noise hits all alike. PyTorch runs afterwards in a
+   child process of its own (its OpenMP threads and XLA's thread pool slow each other many times
+   over when they share a process on a small machine), round-robin between its own rows. The
    permutation refresh is not part of the step (every 100 steps in both codes).
    PyTorch rows (only when ``torch`` is installed; it is a benchmark-only dependency):
    ``torch dense`` (the same network, ``nn.Conv2d``, NCHW) and ``authors bimask`` (their
@@ -25,10 +27,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -190,20 +194,22 @@ def authors_bimask(reference_dir: str, batch: int):
 # ------------------------------------------------------------------------------------- timing
 
 
-def round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
+def round_robin(fns: dict, repeats: int, warmup: int = 1, sync=jax.block_until_ready) -> dict:
+    """Median-ready timings: ``repeats`` rounds over ``fns`` in turn (after ``warmup`` calls each);
+    ``sync`` waits for a result (torch's are ready on return)."""
     for f in fns.values():
         for _ in range(warmup):
-            jax.block_until_ready(f())
+            sync(f())
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(f())
+            sync(f())
             times[k].append(time.perf_counter() - t0)
     return times
 
 
-def per_layer(batch: int, hw: int, c: int, repeats: int, with_torch: bool) -> list[dict]:
+def per_layer(batch: int, hw: int, c: int, repeats: int) -> list[dict]:
     dn = ("NHWC", "HWIO", "NHWC")
     x = jax.random.normal(jax.random.key(0), (batch, hw, hw, c))
     w = jax.random.normal(jax.random.key(1), (3, 3, c, c)) * 0.1
@@ -221,25 +227,66 @@ def per_layer(batch: int, hw: int, c: int, repeats: int, with_torch: bool) -> li
         for path, opts in PATHS.items():
             exe = low.compile(opts)
             fns[(op, path)] = (lambda exe=exe, args=args: exe(*args))
-    if with_torch:
-        import torch
-        import torch.nn.functional as F
+    return _layer_rows(round_robin(fns, repeats), batch, hw, c)
 
-        tx = torch.randn(batch, c, hw, hw)
-        tw = torch.randn(c, c, 3, 3) * 0.1
-        tg = torch.ones(batch, c, hw, hw)
-        fns[("forward", "torch")] = lambda: F.conv2d(tx, tw, padding=1)
-        fns[("input-gradient", "torch")] = lambda: torch.nn.grad.conv2d_input(
-            tx.shape, tw, tg, padding=1)
-        fns[("weight-gradient", "torch")] = lambda: torch.nn.grad.conv2d_weight(
-            tx, tw.shape, tg, padding=1)
-    times = round_robin(fns, repeats)
+
+def torch_layer_fns(batch: int, hw: int, c: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    tx = torch.randn(batch, c, hw, hw)
+    tw = torch.randn(c, c, 3, 3) * 0.1
+    tg = torch.ones(batch, c, hw, hw)
+    return {("forward", "torch"): lambda: F.conv2d(tx, tw, padding=1),
+            ("input-gradient", "torch"): lambda: torch.nn.grad.conv2d_input(
+                tx.shape, tw, tg, padding=1),
+            ("weight-gradient", "torch"): lambda: torch.nn.grad.conv2d_weight(
+                tx, tw.shape, tg, padding=1)}
+
+
+def _layer_rows(times: dict, batch: int, hw: int, c: int) -> list[dict]:
     rows = []
     for (op, path), ts in times.items():
         rows.append({"shape": f"batch {batch}, {hw}x{hw}, {c}->{c}, 3x3", "op": op, "path": path,
                      "ms": 1e3 * statistics.median(ts)})
         print(f"layer {rows[-1]['shape']:32s} {op:16s} {path:6s} {rows[-1]['ms']:8.1f} ms",
               flush=True)
+    return rows
+
+
+LAYER = (64, 32, 32)  # batch, height = width, channels of the per-layer table
+
+
+def torch_child(a) -> None:
+    """The PyTorch rows, in a process of their own: PyTorch's OpenMP threads and XLA's thread
+    pool in one process slow each other down many times over on a small machine (measured here:
+    PyTorch's ResNet-32 step 7 img/s beside JAX, 79 alone)."""
+    import torch
+
+    res = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "steps": []}
+    for name in a.models.split(","):
+        depth, wm, batch = MODELS[name]
+        widths = tuple(int(round(w * wm)) for w in (16, 32, 64))
+        fns = {"torch dense": torch_dense(batch, depth, widths)}
+        if a.reference_dir and name == "resnet32w2":
+            ref = authors_bimask(a.reference_dir, batch)
+            if ref is not None:
+                fns["authors bimask"] = ref
+        res["steps"] += _step_rows(name, batch, round_robin(fns, a.repeats, sync=lambda r: r), {})
+    res["layers"] = _layer_rows(round_robin(torch_layer_fns(*LAYER), a.layer_repeats,
+                                                 sync=lambda r: r), *LAYER)
+    print("TORCH_JSON " + json.dumps(res), flush=True)
+
+
+def _step_rows(name, batch, times, info) -> list[dict]:
+    rows = []
+    for k, ts in times.items():
+        t = statistics.median(ts)
+        rows.append({"model": name, "batch": batch, "variant": k, "step_s": t, "img_s": batch / t,
+                     "min_s": min(ts), "max_s": max(ts), **info.get(k, {})})
+        print(f"{name:11s} batch {batch:4d} {k:20s} {batch / t:7.1f} img/s  "
+              f"(median {t * 1e3:.0f} ms, min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f}) "
+              f"{info.get(k, '')}", flush=True)
     return rows
 
 
@@ -252,52 +299,49 @@ def main():
                     help="a checkout of github.com/zyxxmu/Bi-Mask (its CnnModels/ is imported); "
                          "without it the authors' row is skipped")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    use_torch = torch is not None and not a.no_torch
+    if a.torch_child:
+        return torch_child(a)
+    use_torch = importlib.util.find_spec("torch") is not None and not a.no_torch
     flags = xla_cpu.cpu_flags() or frozenset()
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "machine": platform.machine(), "avx512f": "avx512f" in flags, "avx2": "avx2" in flags,
-           "cpus": os.cpu_count(), "torch": torch.__version__ if use_torch else None,
-           "torch_threads": torch.get_num_threads() if use_torch else None,
-           "auto_choice": xla_cpu.choose("auto").describe()}
+           "cpus": os.cpu_count(), "auto_choice": xla_cpu.choose("auto").describe(),
+           "load_average_start": os.getloadavg()}
     print(env, flush=True)
     res = {"env": env, "steps": [], "layers": []}
-    res["layers"] = per_layer(64, 32, 32, a.layer_repeats, use_torch)
+
+    def save():
+        if a.json:  # after each section, so an interrupted run keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+
+    res["layers"] = per_layer(*LAYER, a.layer_repeats)
     for name in a.models.split(","):
-        depth, wm, batch = MODELS[name]
         fns, info = {}, {}
         for method in ("dense", "bimask"):
-            steps, inf, _, nparams = jax_steps(name, method)
+            steps, inf, batch, nparams = jax_steps(name, method)
             for path, f in steps.items():
                 fns[f"ours {method} {path}"] = f
                 info[f"ours {method} {path}"] = {**inf[path], "params": nparams}
-        if use_torch:
-            widths = tuple(int(round(w * wm)) for w in (16, 32, 64))
-            fns["torch dense"] = torch_dense(batch, depth, widths)
-            if a.reference_dir and name == "resnet32w2":
-                ref = authors_bimask(a.reference_dir, batch)
-                if ref is not None:
-                    fns["authors bimask"] = ref
-        times = round_robin(fns, a.repeats)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        for k, t in med.items():
-            row = {"model": name, "batch": batch, "variant": k, "step_s": t, "img_s": batch / t,
-                   "min_s": min(times[k]), "max_s": max(times[k]), **info.get(k, {})}
-            res["steps"].append(row)
-            print(f"{name:11s} batch {batch:4d} {k:20s} {batch / t:7.1f} img/s  "
-                  f"(median {t * 1e3:.0f} ms, min {min(times[k]) * 1e3:.0f}, "
-                  f"max {max(times[k]) * 1e3:.0f}) {info.get(k, '')}", flush=True)
-        if a.json:  # after each model, so an interrupted run keeps what it measured
-            with open(a.json, "w") as f:
-                json.dump(res, f, indent=1)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        res["steps"] += _step_rows(name, batch, round_robin(fns, a.repeats), info)
+        save()
+    if use_torch:
+        cmd = [sys.executable, os.path.abspath(__file__), "--torch-child", "--models", a.models,
+               "--repeats", str(a.repeats), "--layer-repeats", str(a.layer_repeats)]
+        if a.reference_dir:
+            cmd += ["--reference-dir", a.reference_dir]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        child = json.loads(out.split("TORCH_JSON ", 1)[1])
+        for r in child["steps"] + child["layers"]:
+            print("torch child:", r, flush=True)
+        env["torch"], env["torch_threads"] = child["torch"], child["torch_threads"]
+        res["steps"] += child["steps"]
+        res["layers"] += child["layers"]
+    env["load_average_end"] = os.getloadavg()
+    save()
 
 
 if __name__ == "__main__":
