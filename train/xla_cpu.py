@@ -4,8 +4,9 @@
 jaxlib 0.10's XLA:CPU sends most convolutions of a train step to YNNPACK fusions (``__ynn_fusion``
 in the compiled HLO). Measured (issue 18) on an AMD EPYC with AVX2 and no AVX-512: those are
 2-12x slower than Eigen's convolutions, the whole CIFAR ResNet-32 step 2.3-2.6x slower. Measured
-on an AMD EPYC with AVX-512 (BENCHMARKS.md, "CPU convolution path"): the two are within about
-+-20% per layer, either way, and within about 10% per step. So the rule of ``auto`` is:
+on an AMD EPYC with AVX-512 (BENCHMARKS.md, "CPU convolution path"): per layer Eigen up to 1.8x
+faster on some convolutions and YNNPACK up to 1.25x on others, the whole step within about 10% in
+no consistent direction. So the rule of ``auto`` is:
 
 * not the CPU backend (GPU, TPU): nothing is changed (``default``);
 * an x86-64 CPU without AVX-512F: ``eigen`` (the measured 2.3-2.6x);
