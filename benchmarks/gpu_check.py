@@ -161,11 +161,13 @@ def status_of(run: dict, child: dict | None) -> str:
 
 
 def run_items(items: list[tuple[str, list[str]]], own: dict, budget: float, results: Path,
-              env: dict, titles: dict | None = None, workdir: Path | None = None) -> list[dict]:
+              env: dict | None, titles: dict | None = None, workdir: Path | None = None,
+              min_s: float = 5.0) -> list[dict]:
     """Run each ``(name, cmd)`` in turn under the shared budget; ``cmd`` is expected to write
     ``<workdir>/<name>.child.json`` ({"ok": bool, "result": ...}) and may leave a partial result
     in ``<workdir>/<name>/<name>.partial.json`` (kept if the child dies before its final JSON).
-    Writes ``results/<name>.json``; returns the records."""
+    An item left less than ``min_s`` seconds is skipped. Writes ``results/<name>.json``; returns
+    the records."""
     results.mkdir(parents=True, exist_ok=True)
     workdir = workdir or results
     order = [n for n, _ in items]
@@ -180,7 +182,7 @@ def run_items(items: list[tuple[str, list[str]]], own: dict, budget: float, resu
         partial_path = workdir / name / f"{name}.partial.json"
         for p in (child_path, partial_path):
             p.unlink(missing_ok=True)
-        if timeout < 5:
+        if timeout < min_s:
             run = dict(returncode=None, timed_out=False, seconds=0.0, output="")
             rec = dict(item=name, title=title, status="skipped",
                        reason="no time left in the budget", result=None)
@@ -498,7 +500,7 @@ def item_sm90_discover(ctx):
         kernel = jax.jit(lambda a, w, b: hopper_sparse.spmm_t_sm90(a, w, b, **tiles))
         res["kernel"] = "pallas_kernels.hopper_sparse.spmm_t_sm90 (on the GPU)"
     else:
-        kernel = reference_sm90_kernel
+        kernel = jax.jit(reference_sm90_kernel)
         res["kernel"] = "jnp stand-in following the derived layout (dry run: checks this code)"
     try:
         res.update(discover_layout(kernel))
@@ -807,6 +809,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                           if p))
+    if cache:  # for every process below, train/imagenet.py included
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     base = [sys.executable, str(Path(__file__).resolve()), "--cache-dir", cache]
     if a.dry_run:
         base.append("--dry-run")
