@@ -723,7 +723,9 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_summary(s: dict):
-    print(f"\n{'=' * 100}\n=== SUMMARY\n{'=' * 100}")
+    print(f"\n{'=' * 100}\n=== SUMMARY"
+          + (" (DRY RUN on the CPU: toy sizes, interpret mode; the times mean nothing)"
+             if s.get("dry_run") else "") + f"\n{'=' * 100}")
     for name, it in s["items"].items():
         print(f"{name:14s} {it['status']:8s} {it['seconds']:7.1f} s")
     if "env" in s:
