@@ -142,3 +142,25 @@ def test_dry_run_every_item_comes_back_ok(tmp_path):
     assert [r["model"] for r in s["step"]] == ["resnet50", "deit_s"]
     assert s["train"]["steps"] == 3 and s["train"]["img_per_s_median"] > 0
     assert "=== SUMMARY" in proc.stdout
+
+
+def test_summary_keeps_the_rows_of_items_cut_short():
+    """A timed-out kernels/step item leaves only its partial JSON: the summary still shows it."""
+    row = dict(name="s", M=8, K=32, N=64, ms={"dense": 1.0, "dense_bwd": 1.0, "bwd_xla": 2.0,
+                                               "bwd_kernel": 0.5, "spmm": 0.5},
+               ratios={"dense/spmm": 2.0, "resparsify/spmm": 0.1},
+               checks={"spmm": 1e-3, "bwd_xla": 1e-3, "bwd_kernel": 2e-3, "resparsify_exact": True})
+    steps = [dict(model="resnet50", variant="unwrapped", step_ms=100.0, ratio=1.0),
+             dict(model="resnet50", variant="bimask", step_ms=104.0, ratio=1.04),
+             dict(model="resnet50", variant="bimask masks only", step_ms=2.0, ratio=0.02)]
+    recs = [dict(item="kernels", status="timeout", seconds=1.0, result=None,
+                 partial_result={"rows": [row]}),
+            dict(item="step", status="timeout", seconds=1.0, result=None,
+                 partial_result={"steps": steps})]
+    s = gc.summarize(recs)
+    assert s["items"]["step"]["status"] == "timeout"
+    (k,) = s["kernels"]
+    assert k["dense_bwd/bwd_best"] == 2.0 and k["max_rel_err"] == 2e-3 and k["sm90_error"] is None
+    assert s["step"] == [dict(model="resnet50", dense_ms=100.0, bimask_ms=104.0,
+                              bimask_over_dense=1.04, masks_ms=2.0, masks_share_of_dense_step=0.02)]
+    gc.print_summary(s)  # prints without error
