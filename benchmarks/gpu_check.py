@@ -18,6 +18,10 @@ the others), each printing a section and writing ``<results>/<item>.json``:
 5. ``train``          100 steps (one epoch) of ``train/imagenet.py`` (ResNet-50, Bi-Mask, bf16) on a
                       synthetic ImageFolder of random JPEGs written on the machine; img/s.
 
+Item status: ``ok`` (ran, its checks passed), ``failed`` (ran, a check failed: a test, a numeric
+check, the layout not confirmed), ``timeout`` (killed; ``partial_result`` keeps the rows measured
+before), ``error`` (crashed: see ``output``), ``skipped`` (no budget left).
+
 Then ``<results>/summary.json`` and a summary table (printed last, so that the end of the output
 holds it). The items share one wall-clock budget (``--budget-s``, default 470 s on a GPU): each
 item is guaranteed its own share, and time an item leaves unused passes to the later ones.
@@ -41,20 +45,25 @@ Then the device tool's ``run`` with::
 
 (``gpu_check.sh`` installs ``.whl/*.whl`` into /tmp/site if present, sets PYTHONPATH to the repo
 root, runs this script and tees its output to ``$OUT/gpu_check.log``: 7 JSON files + the log = 8
-files, the most the tool brings back.) To rerun only some items on the still-warm machine::
+files, the most the tool brings back.) The machine's start (1-2 min) plus this call (at most
+~8.5 min) leaves about 4 of the 15 device minutes: fetch the files, then rerun only what failed on
+the still-warm machine (it stays 30 s after a call), with a budget to match, e.g.::
 
-    command: bash benchmarks/gpu_check.sh --results $OUT --only kernels,train
+    command: bash benchmarks/gpu_check.sh --results $OUT --only kernels,train --budget-s 200
     carry: [".whl"]
-    timeout_s: 300
+    timeout_s: 240
 
 Then copy the files into ``benchmarks/results/gpu/``. The compilation cache
 (``--cache-dir``, default /tmp/bimask_gpu_check_jax_cache on a GPU) makes a rerun on the same warm
 machine skip recompiles.
 
 **On a CPU** (``--dry-run``): the same items at toy sizes, Pallas kernels in interpret mode, the
-Hopper kernel replaced by a jnp stand-in (its real lowering is still checked), a few steps; it runs
-in a minute or two and ``tests/test_gpu_check.py`` asserts every item comes back ok, so that the
-GPU run does not fail on a typo::
+Hopper kernel replaced by a jnp stand-in (its real lowering is still checked), a few steps, the
+same code paths as on the GPU (kernels.py / step.py / train/imagenet.py with other sizes; ResNet-18
+instead of ResNet-50 in ``train``, float32 instead of bf16 in ``step``, to keep XLA:CPU's compiles
+short). About 110 s of CPU time (3 to 4 minutes of wall time on a loaded 2-core machine);
+``tests/test_gpu_check.py`` (slow) asserts every item comes back ok, so that the GPU run does not
+fail on a typo::
 
     PYTHONPATH=. python benchmarks/gpu_check.py --dry-run --results /tmp/gpu_check_dry
 """
