@@ -701,8 +701,8 @@ def item_train(ctx):
                batch=batch, img_per_s_windows=ips,
                img_per_s_median=statistics.median(ips) if ips else None,
                final_loss=train[-1]["loss"] if train else None, summary=summ, metrics=lines)
-    ok = (rc == 0 and summ is not None and summ.get("step") == steps and bool(ips)
-          and all(math.isfinite(x["loss"]) for x in train))
+    finite = [isinstance(x.get("loss"), (int, float)) and math.isfinite(x["loss"]) for x in train]
+    ok = rc == 0 and summ is not None and summ.get("step") == steps and bool(ips) and all(finite)
     print(f"train: rc {rc}, {len(train)} log lines, img/s windows {ips}", flush=True)
     write_child(ctx, ok, res)
 
