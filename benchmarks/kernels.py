@@ -22,6 +22,11 @@ the dense result; exact equality of the re-sparsify outputs with the jnp referen
 Usage:
   python benchmarks/kernels.py                      # GPU: full table, JSON to --out
   python benchmarks/kernels.py --interpret --tiny   # CPU smoke test (interpret mode, tiny shapes)
+  python benchmarks/kernels.py --models gpt2 --sm90 # the GPT-2 MLP shapes, with the Hopper kernel
+  python benchmarks/kernels.py --shapes a:8192:768:3072  # explicit name:M:K:N shapes
+
+``--sm90`` off a GPU (with ``--interpret``) still calls the Hopper path, which then reports its
+error in the row (``benchmarks/gpu_check.py --dry-run`` swaps in a jnp stand-in kernel there).
 """
 
 from __future__ import annotations
@@ -81,6 +86,25 @@ def deit_small_gemms(batch: int = 256, tokens: int = 197) -> list[tuple[str, int
     m, d = batch * tokens, 384
     return [("deit_s.qkv", m, d, 3 * d), ("deit_s.proj", m, d, d), ("deit_s.fc1", m, d, 4 * d),
             ("deit_s.fc2", m, 4 * d, d), ("deit_s.head", batch, d, 1000)]
+
+
+def gpt2_mlp_gemms(tokens: int = 8192, d: int = 768) -> list[tuple[str, int, int, int]]:
+    """GPT-2 small's MLP at 8192 tokens (e.g. batch 8 x 1024): fc1 d -> 4d and fc2 4d -> d."""
+    return [("gpt2.fc1", tokens, d, 4 * d), ("gpt2.fc2", tokens, 4 * d, d)]
+
+
+def parse_shapes(spec: str) -> list[tuple[str, int, int, int]]:
+    """``"name:M:K:N,name:M:K:N"`` -> shape tuples (for explicit shapes on the command line)."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        parts = item.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"--shapes entry {item!r} must be name:M:K:N")
+        name, dims = parts[0], [int(v) for v in parts[1:]]
+        if min(dims) < 1:
+            raise ValueError(f"--shapes entry {item!r}: M, K, N must be >= 1")
+        out.append((name, *dims))
+    return out
 
 
 def tiny_gemms(gpu: bool = False) -> list[tuple[str, int, int, int]]:
@@ -264,11 +288,19 @@ def print_table(rows):
               f"{err:.1e}{'' if c['resparsify_exact'] else ' RESPARSIFY MISMATCH'} |")
 
 
+def write_json(path, meta, rows, complete=False, failed=()):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(dict(meta=meta, rows=rows, complete=complete,
+                                          failed=list(failed)), indent=1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes only")
-    ap.add_argument("--models", default="resnet50,deit_small")
+    ap.add_argument("--models", default="resnet50,deit_small",
+                    help="comma list of resnet50, deit_small, gpt2")
+    ap.add_argument("--shapes", default="", help="explicit shapes name:M:K:N,... (added last)")
     ap.add_argument("--only", default="", help="comma list of shape-name prefixes to keep")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--warmup", type=int, default=10)
@@ -295,6 +327,12 @@ def main(argv=None):
             shapes += resnet50_gemms()
         if "deit_small" in models:
             shapes += deit_small_gemms()
+        if "gpt2" in models:
+            shapes += gpt2_mlp_gemms()
+        unknown = set(models) - {"resnet50", "deit_small", "gpt2", ""}
+        if unknown:
+            ap.error(f"--models: unknown {sorted(unknown)} (resnet50, deit_small, gpt2)")
+    shapes += parse_shapes(args.shapes)
     if args.only:
         keep = tuple(args.only.split(","))
         shapes = [s for s in shapes if s[0].startswith(keep)]
@@ -306,7 +344,9 @@ def main(argv=None):
     meta = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                 jax=jax.__version__, python=platform.python_version(), dtype=args.dtype,
                 interpret=args.interpret, blocks=blocks, warmup=args.warmup, reps=args.reps,
-                l2_mib=args.l2_mib, command=" ".join(["python", *sys.argv]))
+                l2_mib=args.l2_mib,
+                command=" ".join(["python benchmarks/kernels.py",
+                                  *(sys.argv[1:] if argv is None else argv)]))
     print(f"# {meta['device']} ({meta['backend']}), jax {meta['jax']}, {args.dtype}, "
           f"interpret={args.interpret}, blocks={blocks}")
     if args.interpret:
@@ -317,18 +357,19 @@ def main(argv=None):
                           warmup=args.warmup, reps=args.reps, l2_bytes=args.l2_mib * 2**20,
                           seed=len(rows), blocks=blocks,
                           with_torch=on_gpu and not args.no_torch,
-                          with_sm90=args.sm90 and on_gpu)
+                          with_sm90=args.sm90)
         rows.append(row)
         print(f"done {name}: " + ", ".join(f"{a}={b:.3f}ms" for a, b in row["ms"].items()),
               file=sys.stderr, flush=True)
+        if args.out:  # after every shape: a run cut short by a timeout keeps its rows
+            write_json(args.out, meta, rows)
     print_table(rows)
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
     bad = [r["name"] for r in rows
            if max(r["checks"]["spmm"], r["checks"]["bwd_xla"], r["checks"]["bwd_kernel"]) > tol
            or not r["checks"]["resparsify_exact"]]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        write_json(args.out, meta, rows, complete=True, failed=bad)
     if bad:
         print(f"CORRECTNESS FAILED for {bad} (tolerance {tol})")
         return 1
