@@ -41,7 +41,7 @@ import optax
 
 import bimask_jax.flax as bf
 from bimask_jax.flax.layer import stacked_masks
-from bimask_jax.flax.state import entries
+from bimask_jax.flax.state import geometry, read
 
 # ------------------------------------------------------------------------------------- models
 
@@ -237,15 +237,16 @@ def make_step(module, tx):
 def mask_cost(model, variables, repeats):
     """Median seconds of a jitted computation of every sparse layer's (fwd, bwd) masks: the
     per-step work the wrapper adds besides the masked products."""
-    cfg = model.config
-    ents = entries(model, variables)
+    cfg, records, kernels = read(model, variables)
+    paths = sorted(records, key=lambda p: tuple(map(str, p)))
+    methods = [geometry(cfg, p, records[p], kernels[p])[0] for p in paths]
 
     def all_masks(ks, ps):
-        return [stacked_masks(k, p, cfg.n, cfg.m, e["method"])
-                for k, p, e in zip(ks, ps, ents, strict=True)]
+        return [stacked_masks(k, p, cfg.n, cfg.m, meth, cfg.k_order)
+                for k, p, meth in zip(ks, ps, methods, strict=True)]
 
     fn = jax.jit(all_masks)
-    args = ([e["kernel"] for e in ents], [e["perm"] for e in ents])
+    args = ([kernels[p] for p in paths], [records[p]["perm"] for p in paths])
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):

@@ -71,7 +71,7 @@ RUN_SETTINGS = frozenset({
     "run_dir", "resume", "resume_override", "workers", "prefetch", "no_progress", "tensorboard",
     "distributed", "coordinator_address", "num_processes", "process_id", "stop_after_steps",
     "eval_export", "log_every", "ckpt_every_steps", "keep_checkpoints", "eval_every",
-    "eval_batch_size", "fast_compile", "data_path",
+    "eval_batch_size", "fast_compile", "data_path", "xla_cpu_conv",
 })
 
 
@@ -280,6 +280,10 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--fast-compile", action="store_true",
                    help="compile the train/eval steps without XLA backend optimisation (much "
                         "faster compiles, slower steps: smoke runs and tests on CPU)")
+    g.add_argument("--xla-cpu-conv", default="auto", choices=["auto", "ynn", "eigen"],
+                   help="XLA:CPU convolution path (train/xla_cpu.py): auto picks Eigen on x86-64 "
+                        "without AVX-512 (YNNPACK measured 2-12x slower there), else XLA's default "
+                        "YNNPACK; GPU/TPU untouched")
     g.add_argument("--resume-override", type=_keys, default=(), metavar="KEY[,KEY]",
                    help="--resume: accept these settings differing from the checkpoint's (e.g. "
                         "epochs,lr); any other difference stops the resume")

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from train import config as config_lib
 from train import data as data_lib
+from train import xla_cpu
 from train.checkpoint import Checkpointer, CorruptCheckpoint
 
 # --------------------------------------------------------------------------------------------
@@ -359,20 +360,27 @@ def init_distributed(cfg: argparse.Namespace) -> None:
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _compile(jitted, *, fast: bool):
+def _compile(jitted, *, fast: bool, options: dict | None = None):
     """``jitted`` compiled at its first call; ``fast``: with ``FAST_COMPILE`` XLA options (far
-    quicker compiles, slower code: for one-off programs, smoke runs and tests)."""
-    if not fast:
+    quicker compiles, slower code: for one-off programs, smoke runs and tests); ``options``:
+    further per-compilation XLA options (``train.xla_cpu.compiler_options``)."""
+    opts = {**(FAST_COMPILE if fast else {}), **(options or {})}
+    if not opts:
         return jitted
     exe = None
 
     def call(*args):
         nonlocal exe
         if exe is None:
-            exe = jitted.lower(*args).compile(FAST_COMPILE)
+            exe = jitted.lower(*args).compile(opts)
         return exe(*args)
 
     return call
+
+
+def _conv_options(cfg) -> dict:
+    """Per-compilation XLA options of ``--xla-cpu-conv`` (``train.xla_cpu``; empty off CPU)."""
+    return xla_cpu.compiler_options(xla_cpu.choose(getattr(cfg, "xla_cpu_conv", "auto")))
 
 
 def _global_batch(local: dict, sharding) -> dict:
@@ -421,7 +429,8 @@ def _export(hooks: SparseHooks, module, variables, run_dir: str, cfg, data: Data
         return None
     plain = SparseHooks(model=module, method="dense")
     rest = {k: v for k, v in exported.items() if k != "params"}
-    ev = _compile(jax.jit(make_eval_step(plain, cfg, data)), fast=cfg.fast_compile)
+    ev = _compile(jax.jit(make_eval_step(plain, cfg, data)), fast=cfg.fast_compile,
+                  options=_conv_options(cfg))
     return evaluate(ev, {"params": exported["params"], "model_state": rest}, data, cfg,
                     rows_sharding)["top1"]
 
@@ -632,13 +641,14 @@ def setup(cfg: argparse.Namespace, module, dense_layers: Sequence[str], data: Da
 
         # Initialisation runs once: compile it without backend optimisation (XLA:CPU spends tens
         # of seconds optimising the unrolled threefry of every initializer otherwise).
-        state = _compile(jax.jit(init_fn, out_shardings=repl), fast=True)()
+        conv_opts = _conv_options(cfg)
+        state = _compile(jax.jit(init_fn, out_shardings=repl), fast=True, options=conv_opts)()
         mutable = [c for c in state["model_state"] if c != "bimask"]
         train_step = _compile(jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
                                       in_shardings=(repl, rows_sh), out_shardings=(repl, repl),
-                                      donate_argnums=0), fast=cfg.fast_compile)
+                                      donate_argnums=0), fast=cfg.fast_compile, options=conv_opts)
         eval_step = _compile(jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows_sh),
-                                     out_shardings=repl), fast=cfg.fast_compile)
+                                     out_shardings=repl), fast=cfg.fast_compile, options=conv_opts)
         r = Run(cfg=cfg, script=script, module=module, data=data, hooks=hooks, log=log, ckpt=ckpt,
                 spe=spe, repl=repl, rows=rows_sh, train_step=train_step, eval_step=eval_step,
                 state=state, n_params=sum(int(np.prod(x.shape))
@@ -805,6 +815,7 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
             return {**_summary(r), "already_finished": True, "run_dir": r.run_dir,
                     "state": r.state, "hooks": r.hooks}
         data = r.data
+        r.log.print(xla_cpu.choose(getattr(r.cfg, "xla_cpu_conv", "auto")).describe())
         r.log.print(
             f"{script}: {r.cfg.arch} ({r.n_params:,} params) method={r.cfg.method} "
             f"{r.cfg.n}:{r.cfg.m} on {data.name} ({len(data.train_source)} train / "

@@ -31,6 +31,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--refresh-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None, help="parent of the per-method run directories")
+    p.add_argument("--xla-cpu-conv", default="auto", choices=["auto", "ynn", "eigen"],
+                   help="XLA:CPU convolution path (see train/xla_cpu.py)")
     return p.parse_args(argv)
 
 
@@ -44,7 +46,7 @@ def main(argv=None) -> dict[str, dict]:
             dataset="digits", arch=q.arch, method=method, epochs=q.epochs,
             batch_size=q.batch_size, lr=q.lr, weight_decay=q.weight_decay,
             refresh_every=q.refresh_every, seed=q.seed, log_every=1000, eval_every=q.epochs,
-            run_dir=os.path.join(parent, method))
+            run_dir=os.path.join(parent, method), xla_cpu_conv=q.xla_cpu_conv)
         print(f"\n=== {method} ===", flush=True)
         results[method] = cifar.train(cfg)
     print(f"\nquickstart: {q.arch} on sklearn digits (8x8, 10 classes), {q.epochs} epochs, "
