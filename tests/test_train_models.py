@@ -4,7 +4,6 @@ ReLU, the unused classifier bias), its PyTorch-default initialisation, and the s
 through bimask_jax.sparse's selection."""
 
 import functools
-import inspect
 import math
 import re
 
@@ -152,10 +151,12 @@ REFERENCE_SPARSE = {"resnet32_cifar10": 31, "vgg19_cifar10": 17, "mobilenetv2": 
 
 
 def _selection(spec, size, **kw):
+    """``({path: {"sparse", "reason"}}, abstract variables)`` of the wrapper's selection."""
     model = bimask_jax.sparse(spec.module, n=2, m=4, method="bimask", exclude=spec.dense_layers, **kw)
-    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-                                          train=False))
-    return model.recorder.layers, v
+    x = jnp.zeros((1, size, size, 3))
+    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    layers = bimask_jax.layers(model, sample_args=(x,), sample_kwargs={"train": False})
+    return {x.path: {"sparse": x.sparse, "reason": x.note} for x in layers}, v
 
 
 @pytest.mark.parametrize("arch", sorted(REFERENCE_SPARSE))
@@ -177,8 +178,6 @@ def test_reference_sparse_layer_set_with_hwi_grouping(arch):
     assert len(jax.tree.leaves(v["bimask"])) == 2 * len(sparse)
 
 
-@pytest.mark.skipif("k_order" not in inspect.signature(bimask_jax.sparse).parameters,
-                    reason="bimask_jax.sparse has no k_order yet")
 @pytest.mark.parametrize("arch", ["resnet32_cifar10", "vgg19_cifar10", "mobilenetv2", "resnet50"])
 def test_reference_sparse_layer_set_with_ihw_grouping(arch):
     spec = create_model(arch, 10)
