@@ -13,7 +13,7 @@ mean retained fraction and search efficacy of the Bi-Mask layers at the end), a 
 table (mean and spread per method) beside it, and with ``--plots`` two PNGs: test top-1 per epoch
 per method, and the backward mask's retained fraction per epoch for the Bi-Mask variants.
 
-    python benchmarks/compare_methods.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+    python benchmarks/compare_methods.py --data $DATA/cifar10-jpeg.tar.gz \\
         --work-dir /tmp/bimask-compare --seeds 0 1 --epochs 10 --train-per-class 1000 \\
         --out benchmarks/results/compare_cpu.jsonl --plots
     # extra train/cifar.py flags after --, e.g.:  -- --width-mult 0.5 --batch-size 128
