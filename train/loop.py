@@ -92,7 +92,7 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
     same parameter tree).
 
     ``dense_layers``: regexes (``re.search`` on layer paths such as ``"layer1_0/conv2"``) of the
-    layers kept dense (the paper's exclusions); the wrapper also leaves depthwise convs and layers
+    layers kept dense (the model's exclusions); the wrapper also leaves depthwise convs and layers
     whose input channels (``k_order="hwi"``) or kernel size (``"ihw"``) do not fit M dense.
     Bi-Mask refreshes the permutations inside the jitted step at the steps :func:`refresh_steps`
     gives (``cfg.first_refresh``)."""
