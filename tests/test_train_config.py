@@ -24,15 +24,16 @@ def test_reference_cifar_command_parses_unchanged():
     assert (cfg.batch_size, cfg.optimizer, cfg.momentum, cfg.lr_schedule, cfg.warmup_epochs) == (
         256, "sgd", 0.9, "cosine_epoch", 0)
     assert (cfg.method, cfg.n, cfg.m, cfg.refresh_every, cfg.num_candidates, cfg.decay) == (
-        "bimask", 2, 4, 100, 100, 2e-4)
+        "bimask", 2, 4, 100, 10, 2e-4)  # greedy_num: options.py's default 10 (README omits it)
 
 
 def test_reference_imagenet_flags_and_recipes():
     cfg = _parse("imagenet", "--arch resnet50 --train_batch_size 512 --N 1 --M 4 --iter 50 "
                              "--greedy_num 20 --data_path D".split())
     assert (cfg.batch_size, cfg.n, cfg.m, cfg.refresh_every, cfg.num_candidates) == (512, 1, 4, 50, 20)
-    assert cfg.lr == pytest.approx(0.2) and cfg.epochs == 120 and cfg.warmup_epochs == 5
-    assert cfg.weight_decay == 1e-4 and cfg.lr_schedule == "cosine_step" and not cfg.nesterov
+    # The reference does not scale the lr with the batch: 0.1 at batch 512 too.
+    assert cfg.lr == 0.1 and cfg.epochs == 120 and cfg.warmup_epochs == 5
+    assert cfg.weight_decay == 1e-4 and cfg.lr_schedule == "imagenet_ref" and not cfg.nesterov
     cfg = _parse("imagenet", ["--arch", "resnet18", "--nesterov", "--lr", "0.3"])
     assert cfg.nesterov is True and cfg.lr == 0.3
     cfg = _parse("imagenet", ["--arch", "vit_deit_small_patch16_224", "--mixup", "0"])
@@ -78,7 +79,7 @@ def test_every_numeric_flag_has_a_rule():
 def test_recipes_are_frozen_data_and_apply_recipe_returns_a_new_config():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.CIFAR_RECIPE.lr = 0.2
-    assert config.RESNET_RECIPE.peak_lr(512) == pytest.approx(0.2)
+    assert config.RESNET_RECIPE.peak_lr(512) == 0.1
     assert config.DEIT_RECIPE.peak_lr(1024) == pytest.approx(1e-3)
     raw = build_parser("cifar").parse_args(["--arch", "resnet20"])
     cfg = apply_recipe(raw, "cifar_resnet")
@@ -148,3 +149,88 @@ def test_quickstart_calls_the_trainer_with_the_configuration_its_flags_meant(mon
                             "--log-every", "1000", "--eval-every", "3",
                             "--run-dir", str(tmp_path / method)])
         assert vars(cfg) == vars(want)
+
+
+# The reference's settings by default, each alternative one flag away (train/README.md's fidelity
+# table). Expected values are the reference code's (zyxxmu/Bi-Mask: CnnModels/utils/options.py,
+# CnnModels/data/cifar10.py, CnnModels/imagenet.py, DeiT/main.py, DeiT's vision_transformer.py).
+REFERENCE_DEFAULTS = {
+    # script, arch: k_order, keep_incumbent, num_candidates, decay, wd_rule, first_refresh, lr,
+    # lr_schedule, lighting
+    ("cifar", "resnet32_cifar10"): ("ihw", False, 10, 2e-4, "bn_name", "start", 0.1,
+                                    "cosine_epoch", None),
+    ("cifar", "vgg19_cifar10"): ("ihw", False, 10, 2e-4, "bn_name", "start", 0.1, "cosine_epoch",
+                                 None),
+    ("imagenet", "resnet50"): ("ihw", False, 100, 2e-4, "bn_name", "end", 0.1, "imagenet_ref", 0.1),
+    ("imagenet", "vit_deit_small_patch16_224"): ("ihw", False, 100, 0.0512, "kernels", "start",
+                                                 5e-4 * 1024 / 512, "timm_epoch", 0.0),
+}
+
+
+@pytest.mark.parametrize("script, arch", sorted(REFERENCE_DEFAULTS))
+def test_defaults_are_the_reference_settings(script, arch):
+    cfg = _parse(script, ["--arch", arch])
+    got = (cfg.k_order, cfg.keep_incumbent, cfg.num_candidates, cfg.decay, cfg.wd_rule,
+           cfg.first_refresh, cfg.lr, cfg.lr_schedule, getattr(cfg, "lighting", None))
+    want = REFERENCE_DEFAULTS[(script, arch)]
+    assert got[:6] == want[:6] and got[7:] == want[7:]
+    assert got[6] == pytest.approx(want[6])
+    if script == "cifar":
+        assert cfg.cifar_std == "reference"
+
+
+def test_cifar_default_arch_is_the_reference_network():
+    assert _parse("cifar", []).arch == "resnet32_cifar10"
+    assert _parse("imagenet", []).arch == "resnet50"
+
+
+def test_each_alternative_is_one_flag_away():
+    flags = {"--k-order": ("hwi", "k_order", "hwi"), "--keep-incumbent": (None, "keep_incumbent", True),
+             "--num-candidates": ("100", "num_candidates", 100),
+             "--wd-rule": ("kernels", "wd_rule", "kernels"),
+             "--first-refresh": ("end", "first_refresh", "end"),
+             "--lr-schedule": ("cosine_step", "lr_schedule", "cosine_step"),
+             "--cifar-std": ("cifar10", "cifar_std", "cifar10")}
+    base = vars(_parse("cifar", []))
+    for flag, (value, dest, want) in flags.items():
+        argv = [flag] + ([] if value is None else [value])
+        cfg = vars(_parse("cifar", argv))
+        assert cfg[dest] == want, flag
+        assert config.differences(config.training_settings(base),
+                                  config.training_settings(cfg)) == {dest: (base[dest], want)}
+    deit = ["--arch", "vit_deit_small_patch16_224"]
+    assert _parse("imagenet", deit + ["--decay", "2e-4"]).decay == 2e-4
+    assert _parse("imagenet", deit + ["--lr-schedule", "cosine_step"]).lr_schedule == "cosine_step"
+    r50 = _parse("imagenet", ["--lighting", "0", "--first-refresh", "start", "--lr", "0.2"])
+    assert (r50.lighting, r50.first_refresh, r50.lr) == (0.0, "start", 0.2)
+    assert _parse("cifar", ["--keep-incumbent", "false"]).keep_incumbent is False
+    assert _parse("cifar", ["--search", "stripe"]).keep_incumbent is True  # local: from the incumbent
+
+
+def test_new_settings_are_checked():
+    with pytest.raises(ValueError, match="--keep-incumbent false is a policy of --search random"):
+        _parse("cifar", ["--search", "stripe", "--keep-incumbent", "false"])
+    with pytest.raises(ValueError, match="--warmup-lr 0"):
+        _parse("imagenet", ["--warmup-lr", "1e-6"])
+    with pytest.raises(ValueError, match="imagenet_ref divides by --epochs - --warmup-epochs"):
+        _parse("imagenet", ["--epochs", "5"])
+    with pytest.raises(ValueError, match="--k-order: 'chw' is not one of"):
+        from train import cifar
+
+        cifar.configure(k_order="chw")
+    for argv in (["--lighting", "-0.1"], ["--lighting", "nan"]):
+        with pytest.raises(SystemExit):
+            build_parser("imagenet").parse_args(argv)
+    for argv in (["--k-order", "chw"], ["--wd-rule", "all"], ["--first-refresh", "middle"],
+                 ["--keep-incumbent", "maybe"], ["--cifar-std", "x"]):
+        with pytest.raises(SystemExit):
+            build_parser("cifar").parse_args(argv)
+
+
+def test_new_settings_are_training_settings_compared_on_resume():
+    new = ("k_order", "keep_incumbent", "num_candidates", "decay", "wd_rule", "first_refresh",
+           "cifar_std", "lighting", "lr_schedule")
+    assert not set(new) & config.RUN_SETTINGS
+    a = config.training_settings(_parse("imagenet", []))
+    b = config.training_settings(_parse("imagenet", ["--lighting", "0.2", "--k-order", "hwi"]))
+    assert config.differences(a, b) == {"k_order": ("ihw", "hwi"), "lighting": (0.1, 0.2)}

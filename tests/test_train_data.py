@@ -294,3 +294,61 @@ def test_rand_augment_is_deterministic_and_keeps_shape(tmp_path):
     img.save(path)
     out = D.DecodeTrain(8, randaug_magnitude=9, erase_prob=1.0)((path, 3), np.random.default_rng(0))
     assert out["image"].shape == (8, 8, 3) and out["valid"]
+
+
+def test_lighting_offset_mean_and_covariance_are_the_references():
+    # ColorAugmentation: offset = (eigval * alpha) @ eigvec, alpha ~ N(0, 0.1^2) i.i.d., so the
+    # offset has mean 0 and covariance eigvec^T diag((0.1 eigval)^2) eigvec.
+    rng = np.random.default_rng(0)
+    draws = np.stack([D.lighting_offset(rng, 0.1) for _ in range(20000)])
+    assert draws.dtype == np.float32 and draws.shape == (20000, 3)
+    lam = np.array([0.2175, 0.0188, 0.0045])
+    vec = np.array([[0.4009, 0.7192, -0.5675], [-0.8140, -0.0045, -0.5808],
+                    [0.4203, -0.6948, -0.5836]])
+    cov = vec.T @ np.diag((0.1 * lam) ** 2) @ vec
+    se = np.sqrt(np.diag(cov) / len(draws))
+    np.testing.assert_array_less(np.abs(draws.mean(0)), 5 * se)
+    np.testing.assert_allclose(np.cov(draws.T), cov, rtol=0.05, atol=2e-5)
+    # Each draw is exactly the rule applied to its three normals.
+    a = np.random.default_rng(3).standard_normal(3) * 0.1
+    np.testing.assert_allclose(D.lighting_offset(np.random.default_rng(3), 0.1),
+                               (lam * a) @ vec, rtol=1e-6)
+
+
+def test_decode_train_lighting_adds_an_offset_and_leaves_the_crop_unchanged(tree):
+    folder = D.scan_image_folder(os.path.join(tree, "train"))
+    element = (folder.paths[0], 0)
+    plain = D.DecodeTrain(8)(element, np.random.default_rng(5))
+    lit = D.DecodeTrain(8, lighting=0.1)(element, np.random.default_rng(5))
+    assert "lighting" not in plain
+    np.testing.assert_array_equal(plain["image"], lit["image"])  # drawn after the augmentation
+    rng = np.random.default_rng(5)
+    D.DecodeTrain(8)(element, rng)  # the same draws as the plain decode, then the offset's
+    np.testing.assert_array_equal(lit["lighting"], D.lighting_offset(rng, 0.1))
+    with pytest.raises(ValueError, match="lighting"):
+        D.DecodeTrain(8, channels=1, lighting=0.1)
+    with pytest.raises(ValueError, match="lighting"):
+        D.DecodeTrain(8, lighting=-1.0)
+
+
+def test_lighting_on_a_skipped_corrupt_image_is_zero(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    out = D.DecodeTrain(8, on_corrupt="skip", lighting=0.1)((str(bad), 1), np.random.default_rng(0))
+    assert not out["valid"] and np.all(out["lighting"] == 0) and out["lighting"].shape == (3,)
+
+
+def test_cifar_stds():
+    assert D.CIFAR_STDS["reference"] == (0.2023, 0.1994, 0.2010)
+    assert D.CIFAR_STDS["cifar10"] == (0.2470, 0.2435, 0.2616)
+
+
+def test_cifar_script_normalises_with_the_chosen_std(tmp_path):
+    from train import cifar
+
+    tree = write_image_folder(tmp_path, classes=2, train_per_class=2, val_per_class=1, size=8)
+    for std, want in (("reference", (0.2023, 0.1994, 0.2010)), ("cifar10", (0.2470, 0.2435, 0.2616))):
+        cfg = cifar.configure(data_path=tree, image_size=8, cifar_std=std)
+        assert cifar.build_data(cfg).std == want
+    assert cifar.build_data(cifar.configure(data_path=tree, image_size=8)).std == (0.2023, 0.1994,
+                                                                                   0.2010)

@@ -264,13 +264,21 @@ def test_non_finite_training_stops_and_saves_nothing(tree, tmp_path):
 
 
 def test_no_layer_sparse_at_the_requested_m_is_named_per_layer(tree, tmp_path):
-    for m in ("3", "64"):
+    for m in ("3", "64"):  # hwi: groups along Cin, which must be a multiple of m
         with pytest.raises(ValueError) as e:
-            cifar.main(CIFAR_ARGS + ["--data_path", tree, "--M", m, "--job_dir", str(tmp_path)])
+            cifar.main(CIFAR_ARGS + ["--data_path", tree, "--M", m, "--job_dir", str(tmp_path),
+                                     "--k-order", "hwi"])
         msg = str(e.value)
         assert f"2:{m}: no layer of --arch resnet8 can be N:M sparse" in msg
         assert f"stage3_block0/conv2: input channels 16 not divisible by m={m}" in msg
         assert "stem: kept dense by the model's exclusions" in msg
+    # ihw (the default): groups over the whole flattened kernel; 3x3 kernels of 4..16 channels
+    # have K*C = 144..2304 entries, none a multiple of 7.
+    with pytest.raises(ValueError) as e:
+        cifar.main(CIFAR_ARGS + ["--data_path", tree, "--M", "7", "--job_dir", str(tmp_path)])
+    msg = str(e.value)
+    assert "2:7: no layer of --arch resnet8 can be N:M sparse" in msg
+    assert "stage3_block0/conv2: " in msg and "stem: kept dense by the model's exclusions" in msg
     assert not os.path.exists(tmp_path / "checkpoints")  # stopped before any work
 
 
@@ -440,3 +448,169 @@ def test_mix_batch_mixup_and_cutmix():
         kept = float(np.mean(np.asarray(xc[1]) == 1.0))
         np.testing.assert_allclose(float(tc[1, 1]), kept, rtol=1e-6)
         np.testing.assert_allclose(float(tc[1, 2]), 1 - kept, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference fidelity: schedules, weight-decay rule, refresh steps (train/README.md's table)
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_adjust_learning_rate(epoch, step, len_epoch, lr, num_epochs):
+    """zyxxmu/Bi-Mask CnnModels/imagenet.py adjust_learning_rate, lr_policy "cos", written out."""
+    out = 0.5 * lr * (1 + np.cos(np.pi * (epoch - 5) / (num_epochs - 5)))
+    if epoch < 5:
+        out = out * float(1 + step + epoch * len_epoch) / (5.0 * len_epoch)
+    return out
+
+
+def test_imagenet_ref_schedule_is_the_reference_adjust_learning_rate():
+    spe, epochs = 3, 12
+    s = loop.lr_schedule(_cfg(lr_schedule="imagenet_ref", lr=0.1, epochs=epochs, warmup_epochs=5), spe)
+    got = [float(s(i)) for i in range(epochs * spe)]
+    ref = [_reference_adjust_learning_rate(i // spe, i % spe, spe, 0.1, epochs)
+           for i in range(epochs * spe)]
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
+    # Ours, one flag away, differs (linear warm-up to 0.1, then a per-step cosine): in the
+    # warm-up the reference's factor multiplies a cosine already below 0.1 (cos of a negative
+    # angle), e.g. step 1: 0.05 (1 + cos(-5 pi / 7)) 2/15 against 0.1 x 2/15.
+    ours = loop.lr_schedule(_cfg(lr_schedule="cosine_step", lr=0.1, epochs=epochs,
+                                 warmup_epochs=5), spe)
+    assert got[1] == pytest.approx(0.05 * (1 + np.cos(-5 * np.pi / 7)) * 2 / 15, rel=1e-6)
+    assert float(ours(1)) == pytest.approx(0.1 * 2 / 15, rel=1e-6)
+    with pytest.raises(ValueError, match="epochs != warmup_epochs"):
+        loop.lr_schedule(_cfg(lr_schedule="imagenet_ref", epochs=5, warmup_epochs=5), spe)
+
+
+class _TimmCosine:
+    """timm's CosineLRScheduler (t_in_epochs=True, t_mul=1, decay_rate any, cycle_limit=1,
+    warmup_prefix=False, no noise), written out from DeiT/timm/scheduler/cosine_lr.py."""
+
+    def __init__(self, base, t_initial, lr_min, warmup_t, warmup_lr_init):
+        self.base, self.t_initial, self.lr_min = base, t_initial, lr_min
+        self.warmup_t, self.warmup_lr_init = warmup_t, warmup_lr_init
+        self.step_size = (base - warmup_lr_init) / warmup_t if warmup_t else 1
+        self.lr = warmup_lr_init if warmup_t else base  # set at construction
+
+    def _get_lr(self, t):
+        if t < self.warmup_t:
+            return self.warmup_lr_init + t * self.step_size
+        i = t // self.t_initial
+        if i >= 1:
+            return self.lr_min
+        t_curr = t - self.t_initial * i
+        return self.lr_min + 0.5 * (self.base - self.lr_min) * (
+            1 + np.cos(np.pi * t_curr / self.t_initial))
+
+    def step(self, epoch):
+        self.lr = self._get_lr(epoch)
+
+
+def test_timm_epoch_schedule_is_deit_main_stepping_timm_cosine():
+    spe, epochs = 2, 9
+    cfg = _cfg(lr_schedule="timm_epoch", lr=1e-3, epochs=epochs, warmup_epochs=3, warmup_lr=1e-6,
+               min_lr=1e-5)
+    s = loop.lr_schedule(cfg, spe)
+    sched, ref = _TimmCosine(1e-3, epochs, 1e-5, 3, 1e-6), []
+    for epoch in range(epochs):  # DeiT/main.py: train_one_epoch, then lr_scheduler.step(epoch)
+        ref += [sched.lr] * spe
+        sched.step(epoch)
+    got = [float(s(i)) for i in range(epochs * spe)]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-10)
+    assert got[:4] == pytest.approx([1e-6] * 4)  # epochs 0 and 1 both at warmup_lr
+
+
+def _param_tree(arch, **kw):
+    from train.models import create_model
+
+    spec = create_model(arch, kw.pop("classes", 10), **kw)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    return jax.eval_shape(lambda: spec.module.init(jax.random.PRNGKey(0), np.zeros(x.shape,
+                                                   x.dtype)))["params"]
+
+
+def _decayed(params, rule):
+    mask = loop.decay_mask(params, rule)
+    return sum(int(np.prod(p.shape)) for p, keep in zip(jax.tree.leaves(params),
+                                                         jax.tree.leaves(mask), strict=True) if keep)
+
+
+def test_bn_name_decay_rule_on_the_reference_networks():
+    # resnet32_cifar10: 1,849,898 parameters; BatchNorms named bn1/bn2 (scale + bias) on the stem
+    # (32 channels) and two per block (5 blocks per stage at 32/64/128) are the only ones not
+    # decayed; the fc bias (10) is decayed (kernels rule: not).
+    p = _param_tree("resnet32_cifar10")
+    bn = 2 * (32 + 10 * 32 + 10 * 64 + 10 * 128)
+    assert _decayed(p, "bn_name") == 1_849_898 - bn
+    assert _decayed(p, "kernels") == 1_849_898 - bn - 10
+    # vgg19_cifar10: its BatchNorms are features_{i+1} (no "bn"): every parameter is decayed,
+    # the unused classifier bias included.
+    p = _param_tree("vgg19_cifar10")
+    assert _decayed(p, "bn_name") == 20_035_018
+    assert "bn" not in str(jax.tree_util.tree_structure(p))
+    # mobilenetv2: the shortcut BatchNorms (shortcut_1) are decayed under bn_name only.
+    p = _param_tree("mobilenetv2")
+    sc = sum(2 * v["shortcut_1"]["scale"].shape[0] for v in p.values()
+             if isinstance(v, dict) and "shortcut_1" in v)
+    assert sc > 0
+    bnp = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(p)
+              if "bn" in jax.tree_util.keystr(path))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p))
+    assert _decayed(p, "bn_name") == total - bnp
+    assert _decayed(p, "bn_name") - _decayed(p, "kernels") == sc + 10  # + linear bias
+
+
+def test_bn_name_decay_rule_on_the_reference_resnet18():
+    # The downsample BatchNorms (downsample_1 of layer2_0/3_0/4_0: 128/256/512 channels) and the
+    # fc bias (1000) are decayed by the reference's rule.
+    p = _param_tree("resnet18", classes=1000)
+    assert _decayed(p, "bn_name") - _decayed(p, "kernels") == 2 * (128 + 256 + 512) + 1000
+    assert loop.decay_mask(p, "bn_name")["layer2_0"]["downsample_1"]["scale"]
+    assert not loop.decay_mask(p, "bn_name")["layer2_0"]["bn1"]["scale"]
+    with pytest.raises(ValueError, match="wd_rule"):
+        loop.make_optimizer(_cfg(wd_rule="all"), lambda step: 0.1)
+
+
+def test_refresh_steps_start_and_end():
+    assert loop.refresh_steps("start", 100, 301) == [0, 100, 200, 300]
+    assert loop.refresh_steps("end", 100, 301) == [99, 199, 299]
+    assert loop.refresh_steps("end", 1, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="first_refresh"):
+        loop.refresh_shift("middle")
+
+
+@pytest.mark.slow  # about 5-10 s: two compilations of the search
+@pytest.mark.parametrize("first, keep", [("start", True), ("end", False)])
+def test_refresh_hook_searches_at_the_configured_steps(first, keep):
+    """The loop's refresh hook, called as the jitted train step calls it, searches exactly at
+    refresh_steps, with the configured refresh policy."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(8)(x)
+
+    cfg = argparse.Namespace(method="bimask", n=2, m=4, num_candidates=3, refresh_every=3,
+                             decay=2e-4, kernels="xla", search="random", search_iterations=1,
+                             k_order="ihw", keep_incumbent=keep, first_refresh=first)
+    hooks = loop.sparsify(Net(), cfg, ())
+    assert hooks.model.config.keep_incumbent is keep and hooks.model.config.k_order == "ihw"
+    v = hooks.model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.float32))
+    step_fn = jax.jit(hooks.refresh)  # as the train step calls it: a traced step
+    counts = []
+    for s in range(7):
+        v = {**v, "bimask": step_fn(jax.random.PRNGKey(s), v, np.int32(s))}
+        (count,) = [int(x) for k, x in jax.tree_util.tree_leaves_with_path(v["bimask"])
+                    if "refreshes" in jax.tree_util.keystr(k)]
+        counts.append(count)
+    due = loop.refresh_steps(first, 3, 7)
+    assert counts == [sum(d <= s for d in due) for s in range(7)]
+
+
+def test_normalize_adds_the_lighting_offset_before_normalising():
+    img = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3) * 7
+    off = np.array([[0.01, -0.02, 0.03], [0.0, 0.05, -0.05]], np.float32)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    want = (img / 255.0 + off[:, None, None, :] - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(np.asarray(loop.normalize(img, mean, std, offset=off)), want,
+                               rtol=1e-5, atol=1e-6)

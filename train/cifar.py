@@ -1,4 +1,5 @@
-"""Train a CIFAR model (ResNet-20/32/56, VGG-19, MobileNetV2) with N:M sparsity or dense.
+"""Train a CIFAR model (the reference's resnet32_cifar10, vgg19_cifar10, mobilenetv2; standard
+ResNet-20/32/56, VGG-19, MobileNetV2) with N:M sparsity or dense.
 
     python -m train.cifar --arch resnet32_cifar10 --data_path /data/cifar10 --job_dir runs/r32
     python -m train.cifar --dataset digits --arch resnet20 --epochs 10      # no download
@@ -6,8 +7,11 @@
 (from the repository root; in code: ``train(configure(dataset="digits", epochs=10))``).
 
 Data: an ImageFolder root (``train/`` and ``val/`` or ``test/``), the official CIFAR-10/100
-python-pickle directory, or ``--dataset digits``. Recipe defaults: the paper's (300 epochs, batch
-256, SGD 0.9, lr 0.1 cosine per epoch, weight decay 1e-3, label smoothing 0.1, crop 4 + flip).
+python-pickle directory, or ``--dataset digits``. Defaults: the reference code's (``cifar.py`` with
+its README flags): 300 epochs, batch 256, SGD 0.9, lr 0.1 cosine per epoch, weight decay 1e-3 on
+every parameter not named ``bn*``, label smoothing 0.1, crop 4 + flip, std (0.2023, 0.1994,
+0.2010), ``k_order="ihw"``, G = 10 fresh candidates per search (incumbent discarded), first search
+at step 0. ``train/README.md`` lists each with the flag for the alternative.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from train.models import CIFAR_FAMILIES, arch_family, create_model
 
 def build_data(cfg) -> loop.DataSpec:
     """The DataSpec of ``cfg.dataset`` / ``cfg.data_path`` with CIFAR augmentation (random crop
-    of the 4-pixel zero-padded image + horizontal flip; digits: 1-pixel crop, no flip)."""
+    of the 4-pixel zero-padded image + horizontal flip; digits: 1-pixel crop, no flip) and
+    normalisation (CIFAR mean, ``cfg.cifar_std``; digits: their own mean and std)."""
     kind = cfg.dataset
     if kind == "digits":
         train, test = data_lib.load_digits_split()
@@ -55,7 +60,8 @@ def build_data(cfg) -> loop.DataSpec:
     aug = data_lib.SmallImage(size, 3, padding=pad, flip=True, on_corrupt=cfg.on_corrupt)
     ev = data_lib.SmallImage(size, 3, on_corrupt=cfg.on_corrupt)
     return loop.DataSpec(data_lib.elements(train), data_lib.elements(test), aug, _Eval(ev),
-                         len(classes), size, 3, data_lib.CIFAR_MEAN, data_lib.CIFAR_STD, name)
+                         len(classes), size, 3, data_lib.CIFAR_MEAN,
+                         data_lib.CIFAR_STDS[getattr(cfg, "cifar_std", "reference")], name)
 
 
 class _Eval:

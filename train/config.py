@@ -1,5 +1,5 @@
 """Command-line flags of ``train/cifar.py`` and ``train/imagenet.py``, the PyTorch reference's flag
-names as aliases, and the paper's recipes as defaults.
+names as aliases, and the reference code's recipes as defaults.
 
 The recipes are data (:class:`Recipe`, one frozen instance per family). Every recipe flag defaults
 to ``None`` on the command line and :func:`apply_recipe` returns a new configuration with those
@@ -19,7 +19,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Recipe:
     """One training recipe: the default of every recipe flag (keys are argparse dests). ``lr`` is
-    absolute, or None with ``lr_per_256`` / ``lr_per_512`` (linear scaling with the batch)."""
+    absolute, or None with ``lr_per_256`` / ``lr_per_512`` (linear scaling with the batch).
+
+    Bi-Mask settings: ``num_candidates`` (the reference's ``greedy_num`` G), ``decay`` (SR-STE),
+    ``first_refresh`` (``"start"``: searches at steps s with ``s % I == 0``, first at step 0;
+    ``"end"``: ``s % I == I - 1``, first at step I - 1, identity permutation until then).
+    ``wd_rule``: which parameters get weight decay (``"bn_name"``: every parameter whose path has
+    no ``"bn"``, the reference's rule; ``"kernels"``: kernels only, no decay on norms, biases, cls
+    token, position embedding). ``lighting``: std of the PCA lighting noise (0: off)."""
 
     epochs: int
     batch_size: int
@@ -42,6 +49,11 @@ class Recipe:
     reprob: float = 0.0
     randaug_magnitude: float = 0.0
     interpolation: str = "bilinear"
+    num_candidates: int = 100
+    decay: float = 2e-4
+    wd_rule: str = "bn_name"
+    lighting: float = 0.0
+    first_refresh: str = "start"
 
     def peak_lr(self, batch_size: int) -> float:
         """The recipe's learning rate for a global batch of ``batch_size``."""
@@ -52,16 +64,26 @@ class Recipe:
         return self.lr_per_512 * batch_size / 512
 
 
-# The paper's recipes (DeiT's for DeiT).
+# The reference's recipes (zyxxmu/Bi-Mask: CnnModels/cifar.py and imagenet.py with the flags of its
+# README commands; DeiT/main.py with DeiT's defaults). train/README.md's fidelity table lists each
+# setting, the reference's value and the flag for ours.
 CIFAR_RECIPE = Recipe(epochs=300, batch_size=256, optimizer="sgd", lr=0.1, weight_decay=1e-3,
-                      warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, lr_schedule="cosine_epoch")
-RESNET_RECIPE = Recipe(epochs=120, batch_size=256, optimizer="sgd", lr_per_256=0.1,
+                      warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, lr_schedule="cosine_epoch",
+                      num_candidates=10)
+RESNET_RECIPE = Recipe(epochs=120, batch_size=256, optimizer="sgd", lr=0.1,
                        weight_decay=1e-4, warmup_epochs=5, warmup_lr=0.0, min_lr=0.0,
-                       lr_schedule="cosine_step")
+                       lr_schedule="imagenet_ref", lighting=0.1, first_refresh="end")
 DEIT_RECIPE = Recipe(epochs=300, batch_size=1024, optimizer="adamw", lr_per_512=5e-4,
                      weight_decay=0.05, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
-                     lr_schedule="cosine_step", mixup=0.8, cutmix=1.0, drop_path=0.1,
-                     repeated_aug=3, reprob=0.25, randaug_magnitude=9.0, interpolation="bicubic")
+                     lr_schedule="timm_epoch", mixup=0.8, cutmix=1.0, drop_path=0.1,
+                     repeated_aug=3, reprob=0.25, randaug_magnitude=9.0, interpolation="bicubic",
+                     decay=2e-4 * 256, wd_rule="kernels")
+
+# Choices of the recipe's string settings.
+LR_SCHEDULES = ("cosine_epoch", "cosine_step", "imagenet_ref", "timm_epoch", "constant")
+WD_RULES = ("bn_name", "kernels")
+FIRST_REFRESH = ("start", "end")
+K_ORDERS = ("ihw", "hwi")
 RECIPES = {"cifar_resnet": CIFAR_RECIPE, "vgg": CIFAR_RECIPE, "mobilenetv2": CIFAR_RECIPE,
            "resnet": RESNET_RECIPE, "deit": DEIT_RECIPE}
 
@@ -131,6 +153,7 @@ RULES = {
     "search_iterations": POSITIVE_INT, "seed": NONNEG_INT, "ckpt_every_steps": NONNEG_INT,
     "keep_checkpoints": POSITIVE_INT, "eval_every": POSITIVE_INT, "log_every": POSITIVE_INT,
     "num_processes": POSITIVE_INT, "process_id": NONNEG_INT, "stop_after_steps": NONNEG_INT,
+    "lighting": NONNEG_FLOAT,
 }
 
 
@@ -157,16 +180,20 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         raise ValueError(f"script must be 'cifar' or 'imagenet', got {script!r}")
     p = argparse.ArgumentParser(
         prog=f"python -m train.{script}",
-        description=("Train a CIFAR model (ResNet-20/32/56, VGG-19, MobileNetV2)" if script == "cifar"
+        description=("Train a CIFAR model (the reference's resnet32_cifar10, vgg19_cifar10, "
+                     "mobilenetv2; standard ResNet-20/32/56, VGG-19, MobileNetV2)" if script == "cifar"
                      else "Train an ImageNet model (ResNet-18/34/50, DeiT-Tiny/Small)")
-        + " with N:M sparsity (Bi-Mask, SR-STE, transposable masks) or dense.",
+        + " with N:M sparsity (Bi-Mask, SR-STE, transposable masks) or dense. Defaults reproduce "
+          "the Bi-Mask reference code (train/README.md: fidelity table).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
     g = p.add_argument_group("model and data")
-    g.add_argument("--arch", default="resnet32" if script == "cifar" else "resnet50",
-                   help="architecture (reference names such as resnet32_cifar10, vgg19_cifar10, "
-                        "mobilenetv2, resnet18, resnet50, vit_deit_small_patch16_224 accepted)")
+    g.add_argument("--arch", default="resnet32_cifar10" if script == "cifar" else "resnet50",
+                   help="architecture: the reference's networks under its names (resnet32_cifar10, "
+                        "vgg19_cifar10, mobilenetv2, resnet18, resnet50, "
+                        "vit_deit_small_patch16_224), the standard ones under theirs (resnet20, "
+                        "resnet32, vgg19, mobilenet_v2, tv_resnet50, deit_small)")
     g.add_argument("--data-path", "--data_path", dest="data_path", default=None,
                    help="ImageFolder root with train/ and val/ (or test/) class folders"
                         + (", or a CIFAR-10/100 python-pickle directory" if script == "cifar" else ""))
@@ -175,6 +202,10 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                                                               "digits"],
                        help="auto: CIFAR pickle if --data-path holds one, else ImageFolder; "
                             "digits: scikit-learn's bundled 8x8 digits (no download)")
+        g.add_argument("--cifar-std", default="reference", choices=["reference", "cifar10"],
+                       help="normalisation std: reference (0.2023, 0.1994, 0.2010), the reference "
+                            "code's; cifar10 (0.2470, 0.2435, 0.2616), the CIFAR-10 training set's "
+                            "per-channel std (mean (0.4914, 0.4822, 0.4465) either way)")
     g.add_argument("--image-size", type=int, default=None,
                    help="training/eval crop size (default 32 CIFAR, 224 ImageNet, 8 digits)")
     if script == "imagenet":
@@ -193,7 +224,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--on-corrupt", default="fail", choices=["fail", "skip"],
                    help="an undecodable image: stop with its path, or skip it and count it")
 
-    g = p.add_argument_group("recipe (defaults: the paper's recipe for the arch's family)")
+    g = p.add_argument_group("recipe (defaults: the reference's recipe for the arch's family)")
     g.add_argument("--epochs", "--num_epochs", "--num-epochs", dest="epochs", type=int, default=None)
     g.add_argument("--batch-size", "--train_batch_size", "--train-batch-size", dest="batch_size",
                    type=int, default=None, help="global batch size (over all devices and hosts)")
@@ -201,22 +232,30 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                    default=None, help="global eval batch (default: --batch-size)")
     g.add_argument("--optimizer", default=None, choices=["sgd", "adamw"])
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate, used as given (default: CIFAR 0.1; ResNet 0.1 x "
-                        "batch/256; DeiT 5e-4 x batch/512)")
+                   help="peak learning rate, used as given (default: CIFAR and ResNet 0.1, not "
+                        "scaled with the batch, as the reference; DeiT 5e-4 x batch/512)")
     g.add_argument("--momentum", type=float, default=None)
     g.add_argument("--nesterov", type=_bool, nargs="?", const=True, default=None)
     g.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=None,
-                   help="decoupled for AdamW, L2 for SGD; never on BatchNorm/LayerNorm/bias, "
-                        "cls token, position embedding")
+                   help="decoupled for AdamW, L2 for SGD; on the parameters --wd-rule selects")
+    g.add_argument("--wd-rule", default=None, choices=list(WD_RULES),
+                   help="bn_name: decay every parameter whose path has no 'bn' (the reference CNN "
+                        "scripts' rule: BatchNorms not named bn*, and biases, are decayed); "
+                        "kernels: no decay on norms, biases, cls token, position embedding (timm's "
+                        "rule). Default: bn_name for CNNs, kernels for DeiT")
     g.add_argument("--label-smoothing", "--label_smoothing", dest="label_smoothing", type=float,
                    default=None)
     g.add_argument("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", type=float,
                    default=None)
     g.add_argument("--warmup-lr", type=float, default=None, help="lr at the start of warm-up")
     g.add_argument("--min-lr", type=float, default=None, help="lr at the end of the cosine")
-    g.add_argument("--lr-schedule", default=None, choices=["cosine_epoch", "cosine_step", "constant"],
-                   help="cosine_epoch: lr constant within an epoch (PyTorch CosineAnnealingLR "
-                        "stepped per epoch); cosine_step: per step")
+    g.add_argument("--lr-schedule", default=None, choices=list(LR_SCHEDULES),
+                   help="cosine_epoch: per-step linear warm-up, then cosine constant within an "
+                        "epoch (CosineAnnealingLR stepped per epoch: the reference's CIFAR); "
+                        "cosine_step: warm-up and cosine per step; imagenet_ref: the reference's "
+                        "imagenet.py adjust_learning_rate (per-epoch cosine from epoch "
+                        "--warmup-epochs, times a per-step linear warm-up factor before it); "
+                        "timm_epoch: timm's CosineLRScheduler per epoch as DeiT's main.py steps it")
     g.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
     g.add_argument("--drop-path", type=float, default=None, help="DeiT stochastic depth rate")
@@ -232,6 +271,10 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         g.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic"],
                        help="resampling of the train crop and eval resize (ResNet: bilinear, "
                             "DeiT: bicubic)")
+        g.add_argument("--lighting", type=float, default=None,
+                       help="PCA lighting noise std (the reference's ColorAugmentation: its "
+                            "eigenvalues and vectors, added before normalisation; 0: off). "
+                            "Default: 0.1 for ResNets, 0 for DeiT")
 
     g = p.add_argument_group("N:M sparsity")
     g.add_argument("--method", default="bimask", choices=["dense", "srste", "transposable", "bimask"])
@@ -239,12 +282,31 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--m", "--M", dest="m", type=int, default=4, help="M of N:M")
     g.add_argument("--refresh-every", "--iter", dest="refresh_every", type=int, default=100,
                    help="Bi-Mask: steps between permutation searches")
-    g.add_argument("--num-candidates", "--greedy_num", dest="num_candidates", type=int, default=100,
-                   help="Bi-Mask: random permutations tried per search")
-    g.add_argument("--decay", type=float, default=2e-4,
-                   help="SR-STE decay on pruned weights (srste, transposable, bimask)")
+    g.add_argument("--num-candidates", "--greedy_num", dest="num_candidates", type=int,
+                   default=None, help="Bi-Mask: random permutations tried per search (default: "
+                   "the reference's, CIFAR 10, ImageNet 100)")
+    g.add_argument("--decay", type=float, default=None,
+                   help="SR-STE decay on pruned weights (srste, transposable, bimask). Default "
+                        "2e-4; DeiT 2e-4 x 256 = 0.0512, the reference DeiT's effective value "
+                        "(its per-sample decay term is summed over the per-GPU batch of 256); "
+                        "--decay 2e-4 gives the batch-independent value")
+    g.add_argument("--k-order", default="ihw", choices=list(K_ORDERS),
+                   help="how a conv kernel is read as a matrix for the masks: ihw, the "
+                        "reference's (PyTorch's (Cin, kh, kw) flatten, groups straddling output "
+                        "channels; 3-channel stems sparse); hwi, groups along Cin at each tap "
+                        "(what an NHWC 2:4 conv kernel needs; the library's default)")
+    g.add_argument("--keep-incumbent", type=_bool, nargs="?", const=True, default=None,
+                   help="Bi-Mask random search: keep the current permutation unless a candidate "
+                        "is strictly better (ours). Default false with --search random (the "
+                        "reference: the best of the fresh candidates replaces it); the local "
+                        "searches always start from it")
+    g.add_argument("--first-refresh", default=None, choices=list(FIRST_REFRESH),
+                   help="Bi-Mask search steps: start, s %% I == 0 (first at step 0: the reference's "
+                        "CIFAR and DeiT); end, s %% I == I-1 (first at step I-1, identity "
+                        "permutation until then: the reference's imagenet.py). Default: end for "
+                        "ImageNet ResNets, start otherwise")
     g.add_argument("--search", default="random", choices=["auto", "random", "stripe", "swap"],
-                   help="Bi-Mask permutation search: random (the paper's, --num-candidates "
+                   help="Bi-Mask permutation search: random (the reference's, --num-candidates "
                         "candidates), stripe/swap (local search, --search-iterations), auto "
                         "(the library default: stripe for m <= 6)")
     g.add_argument("--search-iterations", type=int, default=100,
@@ -307,6 +369,20 @@ def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
             values[field.name] = getattr(recipe, field.name)
     if values["lr"] is None:
         values["lr"] = recipe.peak_lr(values["batch_size"])
+    if "keep_incumbent" in values and values["keep_incumbent"] is None:
+        # The reference's policy belongs to the random search; the local searches start from the
+        # incumbent by construction.
+        values["keep_incumbent"] = values.get("search") != "random"
+    if values.get("keep_incumbent") is False and values.get("search") != "random":
+        raise ValueError(f"--keep-incumbent false is a policy of --search random (the local "
+                         f"searches start from the incumbent), got --search {values['search']}")
+    if values["lr_schedule"] == "imagenet_ref" and values["warmup_epochs"] == values["epochs"]:
+        raise ValueError(f"--lr-schedule imagenet_ref divides by --epochs - --warmup-epochs (its "
+                         f"cosine's length): they must differ, both are {values['epochs']}")
+    if values["lr_schedule"] == "imagenet_ref" and values["warmup_lr"] != 0:
+        raise ValueError(f"--lr-schedule imagenet_ref warms up by a factor (1 + step) / (warm-up "
+                         f"steps), not from --warmup-lr: pass --warmup-lr 0 (got "
+                         f"{values['warmup_lr']})")
     if values.get("eval_batch_size") is None:
         values["eval_batch_size"] = values["batch_size"]
     for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -326,7 +402,11 @@ def make(script: str, **settings) -> argparse.Namespace:
     unknown = sorted(set(settings) - set(cfg))
     if unknown:
         raise ValueError(f"unknown settings for train/{script}: {unknown}")
+    choices = {a.dest: a.choices for a in build_parser(script)._actions if a.choices}
     for key, value in settings.items():
+        if key in choices and value is not None and value not in choices[key]:
+            raise ValueError(f"--{key.replace('_', '-')}: {value!r} is not one of "
+                             f"{list(choices[key])}")
         if key in RULES and value is not None:
             try:
                 value = RULES[key](value)

@@ -32,7 +32,21 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# The normalisation std of the Bi-Mask reference (CnnModels/data/cifar10.py; a value widely copied
+# in CIFAR code) and the per-channel std of the CIFAR-10 training images (``--cifar-std cifar10``).
+CIFAR_STD_REFERENCE = (0.2023, 0.1994, 0.2010)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_STDS = {"reference": CIFAR_STD_REFERENCE, "cifar10": CIFAR10_STD}
+
+# PCA lighting noise of the reference's ImageNet pipeline (CnnModels/data/imagenet_dateset.py,
+# ``ColorAugmentation``): eigenvalues (1, 3) and the 3x3 matrix whose ROWS it combines:
+# offset = (eigval * alpha) @ eigvec, alpha ~ N(0, std^2) per image. (These rows are the columns of
+# fb.resnet.torch's eigenvector matrix with their entries reversed, so the noise is not along the
+# RGB principal axes; reproduced as the reference computes it.)
+LIGHTING_EIGVAL = (0.2175, 0.0188, 0.0045)
+LIGHTING_EIGVEC = ((0.4009, 0.7192, -0.5675),
+                   (-0.8140, -0.0045, -0.5808),
+                   (0.4203, -0.6948, -0.5836))
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,13 +365,24 @@ def random_erase(arr: np.ndarray, rng: np.random.Generator, mean, std, *,
     return out
 
 
+def lighting_offset(rng: np.random.Generator, std: float) -> np.ndarray:
+    """The reference's PCA lighting noise for one image: float32 (3,) added to every pixel on the
+    0..1 scale before normalisation: ``(LIGHTING_EIGVAL * alpha) @ LIGHTING_EIGVEC`` with ``alpha``
+    three independent N(0, std^2) draws."""
+    alpha = rng.standard_normal(3) * std
+    return (np.asarray(LIGHTING_EIGVAL) * alpha @ np.asarray(LIGHTING_EIGVEC)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class DecodeTrain:
     """Decode a file element and apply the ImageNet training crop: RandomResizedCrop to ``size``
     (``interpolation``, antialiased), a horizontal flip with probability 1/2, and with probability
     ``erase_prob`` :func:`random_erase` (``mean``/``std``: the normalisation); with
-    ``randaug_magnitude`` > 0, :func:`rand_augment` after the flip. Corrupt files: raise
-    (``on_corrupt="fail"``) or return zeros with ``valid=False`` (``"skip"``)."""
+    ``randaug_magnitude`` > 0, :func:`rand_augment` after the flip. With ``lighting`` > 0 the
+    element also holds ``"lighting"``: :func:`lighting_offset` (drawn last), which the train step
+    adds before normalising (where the reference's ``ColorAugmentation`` adds it: after
+    ``ToTensor``, before ``Normalize``). Corrupt files: raise (``on_corrupt="fail"``) or return
+    zeros with ``valid=False`` (``"skip"``)."""
 
     size: int
     channels: int = 3
@@ -369,8 +394,22 @@ class DecodeTrain:
     randaug_ops: int = 2
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    lighting: float = 0.0
+
+    def __post_init__(self):
+        if self.lighting < 0 or not np.isfinite(self.lighting):
+            raise ValueError(f"lighting must be a finite number >= 0, got {self.lighting}")
+        if self.lighting > 0 and self.channels != 3:
+            raise ValueError(f"lighting noise needs 3 channels (RGB), got channels={self.channels}")
 
     def __call__(self, element, rng: np.random.Generator):
+        out = self._decode(element, rng)
+        if self.lighting > 0:
+            out["lighting"] = lighting_offset(rng, self.lighting) if out["valid"] else np.zeros(
+                3, np.float32)
+        return out
+
+    def _decode(self, element, rng: np.random.Generator):
         path, label = element
         try:
             with Image.open(path) as img:

@@ -6,9 +6,12 @@
 
 Data: an ImageFolder root with ``train/`` and ``val/`` class folders (JPEG). Training crops:
 RandomResizedCrop(image_size) + flip; eval: resize to eval_resize (shorter side), center crop.
-Recipe defaults: the paper's (ResNet: 120 epochs, SGD, lr 0.1 x batch/256, 5 warm-up epochs,
-cosine, wd 1e-4, label smoothing 0.1; DeiT: 300 epochs, AdamW 5e-4 x batch/512, wd 0.05,
-cosine to 1e-5, drop-path 0.1, mixup 0.8 / cutmix 1.0).
+Defaults: the reference code's (ResNet: ``imagenet.py`` with its README flags: 120 epochs, SGD,
+lr 0.1 whatever the batch, per-step linear warm-up over 5 epochs times a per-epoch cosine, wd 1e-4
+on every parameter not named ``bn*``, label smoothing 0.1, PCA lighting 0.1, G = 100, first search
+at step 99; DeiT: ``main.py``: 300 epochs, AdamW 5e-4 x batch/512, wd 0.05, timm's per-epoch
+warm-up and cosine to 1e-5, drop-path 0.1, mixup 0.8 / cutmix 1.0, SR-STE decay 2e-4 x 256).
+``train/README.md`` lists each with the flag for the alternative.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from train.models import IMAGENET_FAMILIES, arch_family, create_model
 
 
 def build_data(cfg) -> loop.DataSpec:
-    """ImageFolder train/val DataSpec with ImageNet augmentation and normalisation."""
+    """ImageFolder train/val DataSpec with ImageNet augmentation (``cfg.lighting``: PCA lighting
+    noise) and normalisation."""
     if not cfg.data_path:
         raise ValueError("--data-path is required")
     if not os.path.isdir(cfg.data_path):
@@ -36,7 +40,8 @@ def build_data(cfg) -> loop.DataSpec:
         raise ValueError(f"--eval-resize {resize} must be >= --image-size {size}")
     aug = data_lib.DecodeTrain(size, 3, on_corrupt=cfg.on_corrupt, erase_prob=cfg.reprob,
                                interpolation=cfg.interpolation,
-                               randaug_magnitude=cfg.randaug_magnitude, randaug_ops=cfg.randaug_ops)
+                               randaug_magnitude=cfg.randaug_magnitude, randaug_ops=cfg.randaug_ops,
+                               lighting=getattr(cfg, "lighting", 0.0))
     ev = data_lib.DecodeEval(size, resize, 3, on_corrupt=cfg.on_corrupt,
                              interpolation=cfg.interpolation)
     return loop.DataSpec(data_lib.elements(train), data_lib.elements(val), aug, ev,

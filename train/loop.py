@@ -20,6 +20,7 @@ to ``bimask_jax``'s wrapper); with ``method="dense"`` the plain module is traine
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -91,9 +92,10 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
     same parameter tree).
 
     ``dense_layers``: regexes (``re.search`` on layer paths such as ``"layer1_0/conv2"``) of the
-    layers kept dense (the paper's exclusions); the wrapper also leaves depthwise convs and layers
-    whose input channels are not divisible by M dense. Bi-Mask refreshes the permutations inside
-    the jitted step when ``step % refresh_every == 0`` (first at step 0, as the reference)."""
+    layers kept dense (the model's exclusions); the wrapper also leaves depthwise convs and layers
+    whose input channels (``k_order="hwi"``) or kernel size (``"ihw"``) do not fit M dense.
+    Bi-Mask refreshes the permutations inside the jitted step at the steps :func:`refresh_steps`
+    gives (``cfg.first_refresh``)."""
     if cfg.method == "dense":
         return SparseHooks(model=module, method="dense")
     import bimask_jax as api
@@ -103,13 +105,33 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
         refresh_every=cfg.refresh_every, decay=cfg.decay, exclude=tuple(dense_layers),
         backend=cfg.kernels, search=cfg.search, search_iterations=cfg.search_iterations,
         k_order=getattr(cfg, "k_order", "hwi"),
+        keep_incumbent=bool(getattr(cfg, "keep_incumbent", True)),
     )
     refresh = None
     if cfg.method == "bimask":
+        shift = refresh_shift(getattr(cfg, "first_refresh", "start"))
+
         def refresh(key, variables, step):
-            return api.maybe_refresh(key, model, variables, step)
+            return api.maybe_refresh(key, model, variables, step + shift)
     return SparseHooks(model=model, method=cfg.method, refresh=refresh, summary=api.summary,
                        export=api.export)
+
+
+def refresh_shift(first_refresh: str) -> int:
+    """The offset added to the step before ``bimask_jax.maybe_refresh``'s ``step % I == 0`` test:
+    0 for ``"start"`` (searches at steps 0, I, 2I, ...: the reference's CIFAR and DeiT scripts,
+    whose layer counter is incremented after the step) and 1 for ``"end"`` (steps I-1, 2I-1, ...:
+    the reference's imagenet.py increments it before the forward, so its first search is at step
+    I-1 and the permutation is the identity until then)."""
+    if first_refresh not in ("start", "end"):
+        raise ValueError(f"first_refresh must be 'start' or 'end', got {first_refresh!r}")
+    return 0 if first_refresh == "start" else 1
+
+
+def refresh_steps(first_refresh: str, refresh_every: int, num_steps: int) -> list[int]:
+    """The 0-based training steps below ``num_steps`` at which Bi-Mask searches."""
+    shift = refresh_shift(first_refresh)
+    return [s for s in range(num_steps) if (s + shift) % refresh_every == 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,15 +140,52 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
 
 
 def lr_schedule(cfg: argparse.Namespace, steps_per_epoch: int) -> Callable:
-    """Step -> learning rate: linear warm-up over ``warmup_epochs`` (per step, from
-    ``warmup_lr``) then cosine to ``min_lr`` at the end of ``epochs``; ``cosine_epoch`` keeps
-    the lr constant within an epoch (PyTorch's CosineAnnealingLR stepped per epoch)."""
+    """Step -> learning rate (``L = steps_per_epoch``, ``E = epochs``, ``W = warmup_epochs``, epoch
+    ``e = step // L``):
+
+    - ``cosine_step``: linear warm-up over ``W * L`` steps from ``warmup_lr`` (``warmup_lr + (lr -
+      warmup_lr) (step + 1) / (W L)``), then cosine per step to ``min_lr`` at the end of ``E``.
+    - ``cosine_epoch``: the same with the cosine's time rounded down to the epoch start (PyTorch's
+      ``CosineAnnealingLR`` stepped per epoch; the reference's CIFAR script, W = 0).
+    - ``imagenet_ref``: the reference's ``imagenet.py`` ``adjust_learning_rate`` ("cos"):
+      ``min_lr + (lr - min_lr)/2 (1 + cos(pi (e - W) / (E - W)))`` per epoch (also during the
+      warm-up, where ``e - W < 0``), times ``(1 + step) / (W L)`` while ``e < W``.
+    - ``timm_epoch``: timm's ``CosineLRScheduler`` (``t_in_epochs=True``, ``warmup_t=W``,
+      ``warmup_lr_init=warmup_lr``, ``lr_min=min_lr``, ``t_initial=E``) as DeiT's ``main.py``
+      steps it (``lr_scheduler.step(epoch)`` after epoch ``epoch``): epoch ``e`` trains at
+      ``f(max(e - 1, 0))``, ``f(t) = warmup_lr + t (lr - warmup_lr) / W`` for ``t < W``, else
+      ``min_lr + (lr - min_lr)/2 (1 + cos(pi t / E))``.
+    - ``constant``: ``lr`` after the warm-up of ``cosine_step``.
+    """
     total = cfg.epochs * steps_per_epoch
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
     base, low, start = cfg.lr, cfg.min_lr, cfg.warmup_lr
+    w_ep, n_ep, spe = float(cfg.warmup_epochs), float(cfg.epochs), steps_per_epoch
+    if cfg.lr_schedule == "imagenet_ref" and n_ep == w_ep:
+        raise ValueError("lr_schedule imagenet_ref needs epochs != warmup_epochs (it divides by "
+                         "their difference)")
+
+    def cosine(t, span):
+        frac = jnp.clip(t / max(span, 1e-12), 0.0, 1.0)
+        return low + 0.5 * (base - low) * (1.0 + jnp.cos(jnp.pi * frac))
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
+        epoch = jnp.floor(step / spe)
+        if cfg.lr_schedule == "imagenet_ref":
+            # cos(pi (e - W) / (E - W)) is taken as is for e < W (negative argument), as the
+            # reference computes it.
+            lr = low + 0.5 * (base - low) * (1.0 + jnp.cos(jnp.pi * (epoch - w_ep)
+                                                            / (n_ep - w_ep)))
+            if w_ep <= 0:
+                return lr
+            return jnp.where(epoch < w_ep, lr * (1.0 + step) / (w_ep * spe), lr)
+        if cfg.lr_schedule == "timm_epoch":
+            t = jnp.maximum(epoch - 1.0, 0.0)
+            after = cosine(t, n_ep)
+            if w_ep <= 0:
+                return after
+            return jnp.where(t < w_ep, start + t * (base - start) / w_ep, after)
         if cfg.lr_schedule == "constant":
             after = jnp.asarray(base, jnp.float32)
         else:
@@ -142,25 +201,45 @@ def lr_schedule(cfg: argparse.Namespace, steps_per_epoch: int) -> Callable:
     return schedule
 
 
-def decay_mask(params) -> Any:
-    """True for kernels (ndim >= 2) except the cls token and position embedding: no weight decay
-    on BatchNorm/LayerNorm scales, biases, cls token, position embedding."""
-    def keep(path, x):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        return x.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def decay_mask(params, rule: str = "kernels") -> Any:
+    """Which parameters get weight decay (a bool pytree like ``params``).
+
+    ``rule="kernels"``: kernels (ndim >= 2) except the cls token and position embedding, i.e. no
+    decay on BatchNorm/LayerNorm scales and offsets, biases, cls token, position embedding (timm's
+    rule). ``rule="bn_name"``: every parameter whose "/"-joined path does not contain ``"bn"``,
+    the reference CNN scripts' rule on PyTorch parameter names (with the reference networks'
+    module names, ``train/models/ref_*.py``: BatchNorms named ``bn*`` are not decayed, the others
+    (``downsample_1``, ``features_{i}``, ``shortcut_1``) and every bias are)."""
+    if rule == "kernels":
+        def keep(path, x):
+            name = _path_name(path)
+            return x.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+    elif rule == "bn_name":
+        def keep(path, x):
+            return "bn" not in _path_name(path)
+    else:
+        raise ValueError(f"wd_rule must be 'bn_name' or 'kernels', got {rule!r}")
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def make_optimizer(cfg: argparse.Namespace, schedule: Callable) -> optax.GradientTransformation:
     """SGD (momentum, optional Nesterov, L2 weight decay added to the gradient as PyTorch does) or
-    AdamW (decoupled decay), with decay masked by :func:`decay_mask`; optional global-norm clip."""
+    AdamW (decoupled decay), with decay on the parameters :func:`decay_mask` selects by
+    ``cfg.wd_rule``; optional global-norm clip."""
+    rule = getattr(cfg, "wd_rule", "kernels")
+    mask = functools.partial(decay_mask, rule=rule)
+    mask(())  # an unknown rule fails here, not inside the first update
     parts = [optax.clip_by_global_norm(cfg.clip_grad)] if cfg.clip_grad > 0 else []
     if cfg.optimizer == "sgd":
-        parts += [optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        parts += [optax.add_decayed_weights(cfg.weight_decay, mask=mask),
                   optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=bool(cfg.nesterov))]
     elif cfg.optimizer == "adamw":
         parts += [optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
-                              mask=decay_mask)]
+                              mask=mask)]
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     return optax.chain(*parts)
@@ -171,9 +250,13 @@ def make_optimizer(cfg: argparse.Namespace, schedule: Callable) -> optax.Gradien
 # --------------------------------------------------------------------------------------------
 
 
-def normalize(images: jnp.ndarray, mean, std, dtype=jnp.float32) -> jnp.ndarray:
-    """uint8 (B, H, W, C) -> (images/255 - mean)/std in ``dtype``."""
+def normalize(images: jnp.ndarray, mean, std, dtype=jnp.float32, offset=None) -> jnp.ndarray:
+    """uint8 (B, H, W, C) -> (images/255 + offset - mean)/std in ``dtype``; ``offset``: float
+    (B, C) added to every pixel of each image on the 0..1 scale (the PCA lighting noise,
+    ``train.data.lighting_offset``), or None."""
     x = images.astype(jnp.float32) / 255.0
+    if offset is not None:
+        x = x + jnp.asarray(offset, jnp.float32)[:, None, None, :]
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return x.astype(dtype)
 
@@ -225,7 +308,7 @@ def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutab
         key = jax.random.fold_in(state["rng"], state["step"])
         k_drop, k_mix, k_post = jax.random.split(key, 3)
         valid = batch["valid"].astype(jnp.float32)
-        x = normalize(batch["image"], data.mean, data.std, dtype)
+        x = normalize(batch["image"], data.mean, data.std, dtype, batch.get("lighting"))
         y = optax.smooth_labels(jax.nn.one_hot(batch["label"], k), cfg.label_smoothing)
         if mixing:
             x, y = mix_batch(k_mix, x, y, cfg.mixup, cfg.cutmix)
