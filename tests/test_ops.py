@@ -205,6 +205,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_grads_with_explicit_batch_sharding_match_single_device():
     import os
     import subprocess

@@ -28,6 +28,7 @@ def loss(x, w, fwd, bwd, perm, backend):
     return jnp.sum(jnp.sin(y.astype(jnp.float32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, 3e-2)])
 def test_pallas_equals_xla_values_and_grads(dtype, tol):
     x, w, fwd, bwd, perm = bimask_setup(40, 24, 0, dtype)
@@ -83,6 +84,7 @@ def conv_loss(x, w, fwd, bwd, perm, backend, strides, padding):
     ((1, 1), (2, 1), "SAME", 2),            # 1x1, strided: through the 2:4 kernels
     ((3, 3), (1, 1), "SAME", 0),            # 3x3: the XLA conv
 ])
+@pytest.mark.slow
 def test_sparse_conv_pallas_equals_xla(window, strides, padding, kernels):
     rng = np.random.default_rng(6)
     cin, c = 16, 8
@@ -103,6 +105,7 @@ def test_sparse_conv_pallas_equals_xla(window, strides, padding, kernels):
     assert jaxpr.count("pallas_call") == kernels
 
 
+@pytest.mark.slow
 def test_resparsify_agrees_with_the_bimask_masks():
     """The kernel's Mf / Mb equal bimask_jax.forward_mask / backward_mask (n:m = 2:4)."""
     from pallas_kernels import decompress, resparsify
@@ -132,6 +135,7 @@ def test_pallas_backend_under_vmap_and_remat():
                                atol=F32_TOL)
 
 
+@pytest.mark.slow
 def test_flax_wrapper_with_pallas_backend_equals_xla():
     """bimask_jax.sparse(..., backend="pallas"): Dense and the 1x1 conv run the kernels."""
     import flax.linen as nn

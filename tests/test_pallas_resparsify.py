@@ -21,6 +21,7 @@ def np_positions_bytes(keep, axis):
     return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "k,c,dtype,blocks",
     [

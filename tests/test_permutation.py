@@ -33,6 +33,7 @@ def test_score_equals_backward_mask_count(n, m, shape):
         assert s == _np_score(fwd, perm, n, m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,m", NM)
 def test_search_never_below_incumbent_and_is_best_of_candidates(n, m):
     k = _kernel((64, 32), seed=n * m)
@@ -60,6 +61,7 @@ def test_search_zero_candidates_returns_incumbent():
     )
 
 
+@pytest.mark.slow
 def test_search_chunking_does_not_change_result():
     k = _kernel((3, 3, 8, 16), seed=4)
     key = jax.random.key(7)
@@ -107,6 +109,7 @@ def test_search_errors():
         bj.permutation_score(k, jnp.ones((16, 8), bool), np.arange(8.0), 2, 4)
 
 
+@pytest.mark.slow
 def test_discard_incumbent_is_the_best_fresh_candidate():
     """keep_incumbent=False (the reference's refresh): the first best of the fresh candidates, even
     when the incumbent scores higher; NumPy scores of every candidate give the expected answer."""

@@ -3,6 +3,7 @@ kernel's forward and backward top-2) keeps exactly what ``bimask_jax`` keeps on 
 and signed zeros: NaN ranks as +inf, ``-0.0`` ties ``0.0``, ties go to the lower index."""
 
 import numpy as np
+import pytest
 
 import bimask_jax as bj
 import pallas_kernels as pk
@@ -56,6 +57,7 @@ def _special_kernel(k, c, seed):
     return np.where(rng.random((k, c)) < 0.5, w, noise).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_pallas_masks_equal_bimask_jax_masks():
     w = _special_kernel(32, 16, 0)
     perm = np.random.default_rng(1).permutation(16)

@@ -69,6 +69,7 @@ def test_swap_gains_equal_brute_force_score_differences(n, m):
     assert np.any(want != 0)  # the check has something to compare
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,m", [(2, 4), (2, 8)])
 def test_swap_search_one_iteration_takes_the_best_swap_and_converges(n, m):
     c = 48 // m * 4  # 48 columns for m = 4, 24 for m = 8
@@ -142,6 +143,7 @@ def test_stripe_stops_at_a_pairwise_local_optimum(n, m, c):
     np.testing.assert_array_equal(again, got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method,n,m", [("stripe", 2, 4), ("stripe", 1, 4), ("swap", 2, 4), ("swap", 4, 8)]
 )

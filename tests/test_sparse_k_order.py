@@ -30,6 +30,7 @@ def _init(k_order, **kw):
     return model, model.init(jax.random.key(1), x), x
 
 
+@pytest.mark.slow
 def test_default_is_hwi_and_skips_the_stem():
     model, v, x = _init("hwi")
     layers = {x.path: x for x in bf.layers(model, sample_args=(x,))}
@@ -90,6 +91,7 @@ def test_ihw_layers_compute_the_reference_masks(cin, cout):
     assert 0.0 <= row["efficacy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_ihw_refresh_keeps_or_improves_the_reference_score():
     model, v, x = _init("ihw", num_candidates=20)
     new = bf.refresh(jax.random.key(3), model, v)
@@ -107,6 +109,7 @@ def test_ihw_refresh_keeps_or_improves_the_reference_score():
         np.testing.assert_array_equal(again[path]["perm"], new[path]["perm"])
 
 
+@pytest.mark.slow
 def test_ihw_nnx_matches_linen():
     class NetX(nnx.Module):
         def __init__(self, rngs):

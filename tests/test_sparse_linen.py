@@ -50,6 +50,7 @@ def _setup(method="bimask"):
     return net, model, x, jax.tree.map(lambda a: a, v)
 
 
+@pytest.mark.slow
 def test_params_tree_equals_unwrapped_and_state_collection():
     net, model, x, v = _setup()
     v0 = jax.eval_shape(net.init, jax.random.key(1), x)
@@ -90,6 +91,7 @@ def _hand_forward(params, bstats, perms, x, n=2, m=4, decay=2e-4):
     return bj.sparse_dense(h, w, f, b, decay) + p["head"]["bias"]
 
 
+@pytest.mark.slow
 def test_grads_equal_hand_computed_layer_masks_and_sparse_ops():
     net, model, x, v = _setup()
     perms = {"conv": jax.random.permutation(jax.random.key(5), 16).astype(jnp.int32),
@@ -152,6 +154,7 @@ def test_methods_masks_through_a_dense_layer(method):
         np.testing.assert_array_equal(bwd, ref.backward_mask(w, want_f, perm, 2, 4))
 
 
+@pytest.mark.slow
 def test_dense_method_equals_unwrapped_exactly():
     net, model, x, v = _setup("dense")
     v0 = {k: v[k] for k in ("params", "batch_stats")}
@@ -176,6 +179,7 @@ class Attn(nn.Module):
         return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, name="attn")(x)
 
 
+@pytest.mark.slow
 def test_multihead_attention_projections_are_sparse_and_match_numpy():
     model = bf.sparse(Attn())
     x = _normal(0, (2, 4, 8))
@@ -230,6 +234,7 @@ class MLP(nn.Module):
         return nn.Dense(8, name="fc2")(x)
 
 
+@pytest.mark.slow
 def test_jit_optax_train_step_masks_follow_kernels():
     model = bf.sparse(MLP())
     x, t = _normal(0, (32, 8)), _normal(1, (32, 8))
@@ -284,6 +289,7 @@ class Stack(nn.Module):
         return blocks(name="blocks")(x, None)[0]
 
 
+@pytest.mark.slow
 def test_remat_scan_state_is_scanned_and_grads_match_unrolled():
     model = bf.sparse(Stack())
     x = _normal(0, (4, 8))
@@ -355,6 +361,7 @@ def test_exclude_include(kw, sparse):
     assert [x.path for x in layers if x.sparse] == sparse
 
 
+@pytest.mark.slow
 def test_export_loads_into_unwrapped_model():
     net, model, x, v = _setup()
     v["bimask"] = bf.refresh(jax.random.key(0), model, v)
@@ -381,6 +388,7 @@ def test_bad_arguments():
         model.apply({"params": v["params"]}, jnp.ones((1, 8)))
 
 
+@pytest.mark.slow
 def test_pallas_backend_matches_xla():
     """backend="pallas": the wrapper hands the layer's permutation to the 2:4 kernels (interpret
     mode on CPU); loss and grads equal the XLA backend's."""

@@ -38,6 +38,7 @@ def _op(layer):
     return layer.conv_general_dilated if isinstance(layer, nnx.Conv) else layer.dot_general
 
 
+@pytest.mark.slow
 def test_params_unchanged_state_and_skips():
     plain, model = Net(nnx.Rngs(0)), bf.sparse(Net(nnx.Rngs(0)))
     p0, p1 = nnx.state(plain, nnx.Param), nnx.state(model, nnx.Param)
@@ -59,6 +60,7 @@ def test_params_unchanged_state_and_skips():
         bf.sparse(model)
 
 
+@pytest.mark.slow
 def test_grads_equal_hand_computed():
     model = bf.sparse(Net(nnx.Rngs(0)))
     perms = {"conv": jax.random.permutation(jax.random.key(1), 16).astype(jnp.int32),
@@ -146,6 +148,7 @@ class MLP(nnx.Module):
         return self.fc2(nnx.relu(self.fc1(x)))
 
 
+@pytest.mark.slow
 def test_jit_optimizer_step_updates_params_only_and_masks_follow_kernels():
     model = bf.sparse(MLP(nnx.Rngs(0)))
     opt = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
@@ -178,6 +181,7 @@ def test_jit_optimizer_step_updates_params_only_and_masks_follow_kernels():
     assert int(model.fc1.dot_general.refreshes[...]) == 2  # steps 0 and 3
 
 
+@pytest.mark.slow
 def test_attention_sparse_and_export_loads_into_unwrapped():
     def make():
         return nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=16, decode=False,
@@ -198,6 +202,7 @@ def test_attention_sparse_and_export_loads_into_unwrapped():
     assert ref.is_nm(q != 0, 2, 4, axis=0) and (q != 0).sum() == q.size // 2
 
 
+@pytest.mark.slow
 def test_stacked_layers_under_nnx_scan():
     @nnx.vmap(in_axes=0, out_axes=0)
     def create(key):

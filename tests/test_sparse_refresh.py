@@ -49,6 +49,7 @@ def test_refresh_improves_keeps_incumbent_and_is_pure():
     assert int(new["head"]["refreshes"]) == int(new["conv"]["refreshes"]) == 1
 
 
+@pytest.mark.slow
 def test_num_candidates_zero_is_the_no_permutation_ablation():
     model, v = _model(num_candidates=0)
     new = bf.refresh(jax.random.key(2), model, v)
@@ -61,6 +62,7 @@ def test_num_candidates_zero_is_the_no_permutation_ablation():
     assert rows["conv"]["bwd_retained"] == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_refresh_due_and_maybe_refresh_host_and_jit_agree():
     assert [bf.refresh_due(s, 3) for s in range(7)] == [True, False, False, True, False, False, True]
     assert [bool(bf.refresh_due(jnp.int32(s), 2)) for s in range(4)] == [True, False, True, False]
@@ -80,6 +82,7 @@ def test_refresh_due_and_maybe_refresh_host_and_jit_agree():
         assert (np.asarray(dev["conv"]["perm"]) != np.arange(16)).any() == due
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search", ["swap"])
 def test_local_search_option(search):
     model, v = _model(search=search, search_iterations=8)
@@ -101,6 +104,7 @@ def test_default_search_is_stripe_for_small_m_and_random_otherwise():
         SparseConfig(search="greedy")
 
 
+@pytest.mark.slow
 def test_summary_reports_search_efficacy():
     model, v = _model(num_candidates=50)
     new = bf.refresh(jax.random.key(2), model, v)
@@ -115,6 +119,7 @@ def test_summary_reports_search_efficacy():
     assert rows["head"]["efficacy"] is None  # srste fallback: no permutation
 
 
+@pytest.mark.slow
 def test_discard_policy_takes_the_best_fresh_candidate():
     """sparse(..., keep_incumbent=False): the reference's refresh, the best of the fresh candidates
     (layer 0 of the searched layers uses fold_in(key, 0)), even below the incumbent."""

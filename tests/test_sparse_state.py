@@ -95,6 +95,7 @@ class Odd(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", [3, 64])
 def test_linen_no_sparse_layer_says_why_per_layer(m):
     model = bf.sparse(Odd(), n=1, m=m)
@@ -128,6 +129,7 @@ def test_nnx_no_sparse_layer_says_why_and_leaves_model_unchanged():
         ("fc", True, "bimask"), ("out", True, "bimask")]
 
 
+@pytest.mark.slow
 def test_a_new_record_field_is_one_definition(monkeypatch):
     """A field added to ``new_record`` alone (here a float32 ``scale`` per layer) is created by
     linen init and nnx sparse, checked against its layer, and kept by the refresh."""

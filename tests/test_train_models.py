@@ -364,6 +364,7 @@ def test_reference_activations_are_relu_not_relu6():
     assert "min" in _primitives("mobilenet_v2")
 
 
+@pytest.mark.slow
 def test_deit_drop_path_uses_dropout_rng_only_in_training():
     spec = create_model("deit_tiny", 3, width_mult=0.125, depth=2, drop_path=0.5)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
