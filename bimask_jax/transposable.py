@@ -95,8 +95,9 @@ def optimal_transposable_mask(kernel, n: int = 2, m: int = 4):
 
     Each block's ``|w|`` (float32) is scored against every admissible pattern at once,
     ``(blocks, m*m) @ (m*m, P)``, and the argmax is taken; ties go to the first pattern of
-    :func:`transposable_patterns`. NaN ranks as ``+inf`` and ``+-inf`` is clipped to a large finite
-    value so scores stay finite: a NaN/inf weight is always kept (it shows up in the output).
+    :func:`transposable_patterns`. NaN ranks as ``+inf``; non-finite weights are always kept (as
+    many as the pattern allows, so they show up in the output) and the rest of such a block is
+    still chosen by the kept sum of its finite entries.
 
     Args:
       kernel: floating ``(K, C)`` or ``(*window, Cin, C)``; ``Cin % m == 0`` and ``C % m == 0``.
@@ -114,10 +115,17 @@ def optimal_transposable_mask(kernel, n: int = 2, m: int = 4):
     c = kernel.shape[-1]
     w2 = _magnitude(kernel.reshape(-1, c))
     k = w2.shape[0]
-    w2 = jnp.minimum(w2, jnp.finfo(jnp.float32).max / (m * m))
     blocks = w2.reshape(k // m, m, c // m, m).transpose(0, 2, 1, 3).reshape(-1, m * m)
     p = jnp.asarray(pats.reshape(len(pats), m * m))
-    scores = jnp.matmul(blocks, p.T.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    pf = p.T.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    # Lexicographic score: first the number of non-finite (NaN/inf) entries kept, then the kept sum
+    # of the finite ones (clipped so that a sum of m*m of them cannot overflow).
+    nonfinite = jnp.isinf(blocks)
+    finite = jnp.minimum(jnp.where(nonfinite, 0.0, blocks), jnp.finfo(jnp.float32).max / (m * m))
+    n_inf = jnp.matmul(nonfinite.astype(jnp.float32), pf, precision=hi)  # (B, P), small ints
+    scores = jnp.matmul(finite, pf, precision=hi)  # (B, P)
+    scores = jnp.where(n_inf == jnp.max(n_inf, axis=-1, keepdims=True), scores, -jnp.inf)
     best = jnp.argmax(scores, axis=-1)
     keep = p[best].reshape(k // m, c // m, m, m).transpose(0, 2, 1, 3)
     return keep.reshape(kernel.shape)
