@@ -108,9 +108,11 @@ def mvue_weight_grad(x, g, key, n: int = 2, m: int = 4):
 
     Args:
       x: floating ``(..., K)``, the layer input.
-      g: floating ``(..., C)``, the output cotangent, same leading (token) shape as ``x``; the
-        flattened token count ``T`` must be divisible by ``m``.
-      key, n, m: as :func:`mvue_sparsify` (groups of ``m`` consecutive flattened tokens).
+      g: floating ``(..., C)``, the output cotangent, same leading (token) shape as ``x``.
+      key, n, m: as :func:`mvue_sparsify` (groups of ``m`` consecutive flattened tokens). When the
+        token count ``T`` is not a multiple of ``m`` the last group is completed with zero tokens
+        (zero rows of ``x`` and ``g``): they add nothing to the product and the estimate stays
+        unbiased.
 
     Returns:
       ``(K, C)`` in ``jnp.result_type(x, g)``; an unbiased estimate of ``x^T g``.
@@ -123,6 +125,11 @@ def mvue_weight_grad(x, g, key, n: int = 2, m: int = 4):
             f"g {g.shape}"
         )
     x2 = x.reshape(-1, x.shape[-1])
-    g2 = mvue_sparsify(g.reshape(-1, g.shape[-1]), key, n, m, axis=0)
+    g2 = g.reshape(-1, g.shape[-1])
+    pad = -x2.shape[0] % m
+    if pad:
+        x2 = jnp.pad(x2, ((0, pad), (0, 0)))
+        g2 = jnp.pad(g2, ((0, pad), (0, 0)))
+    g2 = mvue_sparsify(g2, key, n, m, axis=0)
     dtype = jnp.result_type(x, g)
     return jnp.matmul(x2.T, g2, preferred_element_type=jnp.float32).astype(dtype)

@@ -75,7 +75,8 @@ def soft_threshold(w, n: int = 2, m: int = 4, axis: int = -2):
 
     Returns:
       array of ``w.shape`` and ``w.dtype`` (computed in float32); at most ``n`` nonzeros per group.
-      NaN in a group makes that group NaN (never silently dropped).
+      A NaN weight ranks above every finite one and stays NaN in the output (never silently
+      dropped); the rest of its group is thresholded by the finite entries.
     """
     n, m = check_nm(n, m)
     w = jnp.asarray(w)

@@ -129,6 +129,20 @@ def test_weight_grad_unbiased():
     )
 
 
+def test_weight_grad_pads_ragged_token_count():
+    x = _g((6, 3), seed=12)  # 6 tokens: padded to 8 with zero tokens
+    g = _g((6, 2), seed=13)
+    k = jax.random.key(2)
+    got = np.asarray(mvue.mvue_weight_grad(x, g, k))
+    xp = np.concatenate([x, np.zeros((2, 3), np.float32)])
+    gp = np.asarray(mvue.mvue_sparsify(np.concatenate([g, np.zeros((2, 2), np.float32)]), k))
+    np.testing.assert_allclose(got, xp.T @ gp, rtol=1e-5, atol=1e-6)
+    keys = jax.random.split(jax.random.key(7), 8000)
+    est = np.asarray(jax.vmap(lambda k: mvue.mvue_weight_grad(x, g, k))(keys), np.float64)
+    se = est.std(0) / np.sqrt(len(keys))
+    assert np.all(np.abs(est.mean(0) - x.T.astype(np.float64) @ g) <= 5 * se + 1e-5)
+
+
 def test_nonfinite_gradient_is_not_hidden():
     g = _g((4, 2))
     g[1, 0] = np.inf

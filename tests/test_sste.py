@@ -119,3 +119,10 @@ def test_errors_name_parameters():
         sste.sste_weight(w, jnp.ones(2), 2, 4)
     with pytest.raises(ValueError, match="scale must have a floating dtype"):
         sste.sste_prune(w, 2, 4, scale=jnp.int32(1))
+
+
+def test_nan_weight_is_not_dropped():
+    w = np.array([[np.nan], [1.0], [3.0], [2.0]], np.float32)
+    got = np.asarray(sste.soft_threshold(w, 2, 4, axis=0))[:, 0]
+    assert np.isnan(got[0])
+    np.testing.assert_array_equal(got[1:], [0.0, 1.0, 0.0])  # threshold 2: the largest finite drop
