@@ -126,3 +126,14 @@ def test_nan_weight_is_not_dropped():
     got = np.asarray(sste.soft_threshold(w, 2, 4, axis=0))[:, 0]
     assert np.isnan(got[0])
     np.testing.assert_array_equal(got[1:], [0.0, 1.0, 0.0])  # threshold 2: the largest finite drop
+
+
+def test_vmap_over_stacked_layers_with_per_layer_scale():
+    ws = _w((3, 16, 8), seed=9)
+    scales = jax.vmap(lambda w: sste.sste_scale(w, 2, 4))(ws)
+    got = jax.vmap(lambda w, s: sste.sste_weight(w, s, 2, 4))(ws, scales)
+    for i in range(3):
+        np.testing.assert_allclose(float(scales[i]), float(sste.sste_scale(ws[i], 2, 4)), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(got[i]), np.asarray(sste.sste_prune(ws[i], 2, 4, scales[i])), rtol=1e-6
+        )
