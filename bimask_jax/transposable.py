@@ -37,7 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bimask_jax._checks import check_divisible, check_kernel, check_mask, check_nm
+from bimask_jax._checks import (
+    check_divisible,
+    check_kernel,
+    check_mask,
+    check_nm,
+    is_concrete,
+)
 
 # Enumerating patterns is exact but their number grows fast: 90 (2:4), 2040 (2:5), 297200 (3:6).
 MAX_PATTERNS = 4096
@@ -182,8 +188,10 @@ def masked_decay(grad, w, mask, alpha):
     alpha = jnp.asarray(alpha)
     if alpha.ndim != 0:
         raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
-    if isinstance(alpha, np.ndarray) or not isinstance(alpha, jax.core.Tracer):
-        if float(alpha) < 0:
-            raise ValueError(f"alpha must be >= 0, got {float(alpha)}")
+    if not jnp.issubdtype(alpha.dtype, jnp.floating) and not jnp.issubdtype(alpha.dtype, jnp.integer):
+        raise ValueError(f"alpha must be a real scalar, got dtype {alpha.dtype}")
+    if is_concrete(alpha):  # a traced alpha is not checked
+        if not float(alpha) >= 0:
+            raise ValueError(f"alpha must be >= 0 (and not NaN), got {float(alpha)}")
     decay = jnp.where(mask, 0.0, alpha.astype(jnp.float32) * w.astype(jnp.float32))
     return (grad.astype(jnp.float32) + decay).astype(grad.dtype)
