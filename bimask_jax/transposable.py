@@ -42,7 +42,6 @@ from bimask_jax._checks import (
     check_kernel,
     check_mask,
     check_nm,
-    is_concrete,
 )
 
 # Enumerating patterns is exact but their number grows fast: 90 (2:4), 2040 (2:5), 297200 (3:6).
@@ -190,7 +189,7 @@ def masked_decay(grad, w, mask, alpha):
         raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
     if not jnp.issubdtype(alpha.dtype, jnp.floating) and not jnp.issubdtype(alpha.dtype, jnp.integer):
         raise ValueError(f"alpha must be a real scalar, got dtype {alpha.dtype}")
-    if is_concrete(alpha):  # a traced alpha is not checked
+    if not isinstance(alpha, jax.core.Tracer):  # a traced alpha is not checked
         if not float(alpha) >= 0:
             raise ValueError(f"alpha must be >= 0 (and not NaN), got {float(alpha)}")
     decay = jnp.where(mask, 0.0, alpha.astype(jnp.float32) * w.astype(jnp.float32))
