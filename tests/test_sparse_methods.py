@@ -337,3 +337,32 @@ def test_sparse_transposable_forward_uses_the_optimal_mask():
     t = {k: np.asarray(bj.optimal_transposable_mask(w[k])) for k in w}
     np.testing.assert_allclose(model.apply(v, X), np.asarray(X) @ (w["fc"] * t["fc"])
                                @ (w["out"] * t["out"]), rtol=1e-5, atol=1e-6)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.Dense(8, use_bias=False)(x), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_Block, variable_axes={True: 0}, split_rngs={"params": True}, length=3)
+        return scan()(x, None)[0]
+
+
+def test_stacked_layers_get_per_layer_scale_keys_and_masks():
+    model = bj.sparse(_Scanned(), method="sste", wgrad="mvue", track_flips=True)
+    v = model.init(jax.random.key(0), X)
+    rec = v["bimask"]["ScanBlock_0"]["Dense_0"]
+    kern = np.asarray(v["params"]["ScanBlock_0"]["Dense_0"]["kernel"])  # (3, 8, 8)
+    for i in range(3):
+        beta, _ = _sste_reference(kern[i], None, None)
+        assert float(rec["sste_scale"][i]) == pytest.approx(beta, rel=1e-5)
+        np.testing.assert_array_equal(rec["prev_fwd"][i], np_topn(kern[i], 2, 4))
+    keys = bj.set_wgrad_key(jax.random.key(1), model, v)["ScanBlock_0"]["Dense_0"]["wgrad_key"]
+    assert keys.shape == (3, 2) and len({tuple(np.asarray(k)) for k in keys}) == 3
+    np.testing.assert_allclose(
+        bj.reset_sste_scales(model, v)["ScanBlock_0"]["Dense_0"]["sste_scale"],
+        rec["sste_scale"], rtol=1e-6)
