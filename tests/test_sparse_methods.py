@@ -339,7 +339,7 @@ def test_sparse_transposable_forward_uses_the_optimal_mask():
                                @ (w["out"] * t["out"]), rtol=1e-5, atol=1e-6)
 
 
-class _Block(nn.Module):
+class Block(nn.Module):
     @nn.compact
     def __call__(self, x, _):
         return nn.Dense(8, use_bias=False)(x), None
@@ -348,7 +348,7 @@ class _Block(nn.Module):
 class _Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
-        scan = nn.scan(_Block, variable_axes={True: 0}, split_rngs={"params": True}, length=3)
+        scan = nn.scan(Block, variable_axes={True: 0}, split_rngs={"params": True}, length=3)
         return scan()(x, None)[0]
 
 
