@@ -47,7 +47,7 @@ from bimask_jax._checks import (
     safe_perm,
 )
 
-METHODS = ("dense", "srste", "transposable", "bimask")
+METHODS = ("dense", "srste", "transposable", "bimask", "sste")
 
 # Group sizes up to this use pairwise comparisons (O(m^2), no sort); larger groups use argsort.
 _PAIRWISE_MAX_M = 16
@@ -415,7 +415,7 @@ def transposable_mask(kernel, n: int, m: int, *, k_order: str = "hwi"):
 @functools.partial(jax.jit, static_argnames=("n", "m", "method", "k_order"))
 def _layer_masks_jit(kernel, perm, n: int, m: int, method: str, k_order: str):
     fwd = _forward(kernel, n, m, k_order)
-    if method == "srste":
+    if method in ("srste", "sste"):
         return fwd, fwd
     return fwd, _backward(kernel, fwd, perm, n, m, k_order)
 
@@ -431,6 +431,10 @@ def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, k_order: str 
           along C, so it gets no sparse speed-up.
         * ``"transposable"``: ``(T, T)`` with ``T = transposable_mask`` (N:M along both axes).
         * ``"bimask"``: ``(Mf, backward_mask(kernel, Mf, perm))``.
+        * ``"sste"``: ``(Mf, Mf)``, as ``"srste"``: S-STE (Hu et al., NeurIPS 2024) multiplies the
+          continuous weight ``scale * S(w)`` (:func:`bimask_jax.sste.sste_weight`), which is zero
+          outside ``Mf`` (inside too where ``|w|`` ties the largest dropped magnitude), so these are
+          the masks of its products; the weight itself is not a masked kernel.
       perm: int ``(C,)`` for ``"bimask"`` (as in ``backward_mask``, including its safe fallback under
         ``jit``); ``None`` means the identity permutation.
       k_order: ``"hwi"`` (default) or ``"ihw"``: how a conv kernel is read (module docstring).
@@ -450,7 +454,7 @@ def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, k_order: str 
         return t, t
     n, m = check_nm(n, m)
     _check_layer_kernel(kernel, m, k_order, need_output=method == "bimask")
-    if method == "srste":
+    if method in ("srste", "sste"):
         perm = None
     elif perm is not None:
         perm = check_perm(perm, kernel.shape[-1])

@@ -7,6 +7,11 @@ For a layer with kernel ``W``, forward mask ``Mf`` and backward mask ``Mb``:
     dW      = x^T @ g + decay * (1 - Mf) * W      (dense straight-through + the SR-STE term)
     dMf = dMb = 0
 
+With ``wgrad="mvue"`` (Chmiel et al., ICLR 2023; as used by Hu et al., ICML 2024) the ``x^T @ g``
+of ``dW`` uses ``g_hat``, an unbiased random N:M estimate of ``g`` along the flattened token axis
+(:func:`bimask_jax.mvue.mvue_sparsify`), drawn with the ``key`` passed to the op: the weight-gradient
+product is then N:M along its reduction (token) axis too, and ``E[dW] = x^T g + decay * ...``.
+
 Only the two bool masks are saved as residuals beside ``x`` and ``W`` (no float copies). Both ops
 work under ``jit``, ``vmap``, ``grad`` and ``remat``, with fp32 or bf16 inputs.
 """
@@ -27,39 +32,77 @@ from bimask_jax._checks import (
     check_decay,
     check_floating,
     check_mask,
+    check_nm,
     check_perm,
 )
-from bimask_jax.masked_products import dense_weight_grad, masked_kernel, srste_term
+from bimask_jax.masked_products import (
+    WGRADS,
+    dense_weight_grad,
+    masked_kernel,
+    srste_term,
+    wgrad_cotangent,
+)
 
 BACKENDS = ("xla", "pallas")
+
+
+def check_wgrad(wgrad: str, key, wgrad_nm) -> tuple | None:
+    """The static weight-gradient spec of an op: None (``"dense"``) or ``("mvue", n, m)``.
+
+    ``wgrad``: ``"dense"`` or ``"mvue"``; ``key``: a PRNG key (a ``jax.random.key`` scalar or a
+    uint32 ``(2,)`` ``PRNGKey``, possibly traced) required by ``"mvue"``; ``wgrad_nm``: ``(n, m)``
+    of the estimate, ``n`` in {1, 2}.
+    """
+    check_choice("wgrad", wgrad, WGRADS)
+    if wgrad == "dense":
+        return None
+    try:
+        n, m = wgrad_nm
+    except (TypeError, ValueError):
+        raise ValueError(f"wgrad_nm must be a pair (n, m), got {wgrad_nm!r}") from None
+    n, m = check_nm(n, m)
+    if n > 2:
+        raise ValueError(f"wgrad_nm: the MVUE estimate keeps n in (1, 2) per group, got n={n}")
+    if key is None:
+        raise ValueError("wgrad='mvue' needs key (a PRNG key; a fresh one every step)")
+    k = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    typed = jnp.issubdtype(k.dtype, jax.dtypes.prng_key)
+    if (typed and k.ndim != 0) or (not typed and (k.shape != (2,) or k.dtype != jnp.uint32)):
+        raise ValueError(
+            f"key must be one PRNG key (jax.random.key(...) or a uint32 (2,) PRNGKey), got "
+            f"{k.dtype}{tuple(k.shape)}"
+        )
+    return ("mvue", n, m)
 
 
 # ----------------------------------------------------------------------------------------- dense
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _sparse_dense(x, kernel, fwd, bwd, decay, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _sparse_dense(x, kernel, fwd, bwd, key, decay, precision, wgrad):
     dtype = jnp.result_type(x, kernel)
     return jnp.matmul(x.astype(dtype), masked_kernel(kernel, fwd, dtype), precision=precision)
 
 
-def _sparse_dense_fwd(x, kernel, fwd, bwd, decay, precision):
-    return _sparse_dense(x, kernel, fwd, bwd, decay, precision), (x, kernel, fwd, bwd)
+def _sparse_dense_fwd(x, kernel, fwd, bwd, key, decay, precision, wgrad):
+    y = _sparse_dense(x, kernel, fwd, bwd, key, decay, precision, wgrad)
+    return y, (x, kernel, fwd, bwd, key)
 
 
-def _sparse_dense_bwd(decay, precision, res, g):
-    x, kernel, fwd, bwd = res
+def _sparse_dense_bwd(decay, precision, wgrad, res, g):
+    x, kernel, fwd, bwd, key = res
     dtype = g.dtype
     dx = jnp.matmul(g, masked_kernel(kernel, bwd, dtype).T, precision=precision).astype(x.dtype)
-    dw = dense_weight_grad(x, kernel, fwd, g, decay, precision)
-    return dx, dw, None, None
+    dw = dense_weight_grad(x, kernel, fwd, g, decay, precision, wgrad, key)
+    return dx, dw, None, None, None
 
 
 _sparse_dense.defvjp(_sparse_dense_fwd, _sparse_dense_bwd)
 
 
 def sparse_dense(
-    x, kernel, fwd, bwd, decay: float = 2e-4, *, perm=None, precision=None, backend: str = "xla"
+    x, kernel, fwd, bwd, decay: float = 2e-4, *, perm=None, precision=None, backend: str = "xla",
+    wgrad: str = "dense", key=None, wgrad_nm=(2, 4),
 ):
     """``x @ (kernel * fwd)`` with Bi-Mask's gradients.
 
@@ -76,12 +119,22 @@ def sparse_dense(
       backend: ``"xla"``, or ``"pallas"``: the forward and backward-data products run the 2:4
         kernels of ``pallas_kernels`` when ``fwd`` is 2:4 along K and ``bwd[:, perm]`` is 2:4 along
         C (each product falls back to XLA otherwise); see ``bimask_jax.pallas_backend``.
+      wgrad: ``"dense"`` (``dkernel`` from ``x^T g``) or ``"mvue"`` (from ``x^T g_hat``, ``g_hat``
+        the unbiased N:M estimate of ``g`` along the flattened token axis ``prod(x.shape[:-1])``,
+        groups of ``m`` consecutive tokens, a ragged last group completed with zero tokens; module
+        docstring). Both backends.
+      key: PRNG key of the ``"mvue"`` draw (``jax.random.key`` scalar or uint32 ``(2,)``; may be
+        traced). Pass a fresh key every step; the same key gives the same draw.
+      wgrad_nm: ``(n, m)`` of the ``"mvue"`` estimate, ``n`` in {1, 2} (default 2:4).
 
     Returns:
       ``(..., C)`` in ``result_type(x, kernel)``. Gradients: ``dx`` in ``x.dtype``, ``dkernel`` in
-      ``kernel.dtype`` (accumulated in fp32), none for the masks.
+      ``kernel.dtype`` (accumulated in fp32), none for the masks and the key.
     """
     check_choice("backend", backend, BACKENDS)
+    wspec = check_wgrad(wgrad, key, wgrad_nm)
+    if wspec is None:
+        key = None
     decay = check_decay(decay)
     x, kernel = as_array(x), as_array(kernel)
     check_floating("x", x)
@@ -98,14 +151,15 @@ def sparse_dense(
     check_mask("bwd", bwd, kernel.shape)
     if perm is not None:
         perm = check_perm(perm, kernel.shape[1])
-    return _sparse_dense_jit(x, kernel, fwd, bwd, perm, decay, precision, backend)
+    return _sparse_dense_jit(x, kernel, fwd, bwd, perm, key, decay, precision, backend, wspec)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _sparse_dense_jit(x, kernel, fwd, bwd, perm, decay, precision, backend):
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def _sparse_dense_jit(x, kernel, fwd, bwd, perm, key, decay, precision, backend, wgrad):
     if backend == "pallas":
-        return pallas_backend.sparse_dense(x, kernel, fwd, bwd, decay, perm, precision)
-    return _sparse_dense(x, kernel, fwd, bwd, decay, precision)
+        return pallas_backend.sparse_dense(x, kernel, fwd, bwd, decay, perm, precision, wgrad,
+                                           key)
+    return _sparse_dense(x, kernel, fwd, bwd, key, decay, precision, wgrad)
 
 
 # ------------------------------------------------------------------------------------------ conv
@@ -131,18 +185,18 @@ def _conv(x, w, strides, padding, lhs_dilation, rhs_dilation, precision):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _sparse_conv(x, kernel, fwd, bwd, decay, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _sparse_conv(x, kernel, fwd, bwd, key, decay, cfg, wgrad):
     dtype = jnp.result_type(x, kernel)
     return _conv(x.astype(dtype), masked_kernel(kernel, fwd, dtype), *cfg)
 
 
-def _sparse_conv_fwd(x, kernel, fwd, bwd, decay, cfg):
-    return _sparse_conv(x, kernel, fwd, bwd, decay, cfg), (x, kernel, fwd, bwd)
+def _sparse_conv_fwd(x, kernel, fwd, bwd, key, decay, cfg, wgrad):
+    return _sparse_conv(x, kernel, fwd, bwd, key, decay, cfg, wgrad), (x, kernel, fwd, bwd, key)
 
 
-def _sparse_conv_bwd(decay, cfg, res, g):
-    x, kernel, fwd, bwd = res
+def _sparse_conv_bwd(decay, cfg, wgrad, res, g):
+    x, kernel, fwd, bwd, key = res
     dtype = g.dtype
     # The transposed convolutions, by autodiff of the (linear) conv in each argument; under jit the
     # primal convs that jax.vjp also builds are dead code. (jax.vjp rather than linear_transpose:
@@ -152,9 +206,11 @@ def _sparse_conv_bwd(decay, cfg, res, g):
     )
     _, vjp_w = jax.vjp(lambda w_: _conv(x.astype(dtype), w_, *cfg), kernel.astype(dtype))
     (dx,) = vjp_x(g)
-    (dw,) = vjp_w(g)
+    # the conv's weight gradient sums patch(x)_t * g_t over the output positions t = (N, *spatial');
+    # "mvue" replaces g by its estimate along those flattened positions (linear in g: unbiased).
+    (dw,) = vjp_w(wgrad_cotangent(g, wgrad, key))
     dw = dw.astype(jnp.float32) + srste_term(kernel, fwd, decay)
-    return dx.astype(x.dtype), dw.astype(kernel.dtype), None, None
+    return dx.astype(x.dtype), dw.astype(kernel.dtype), None, None, None
 
 
 _sparse_conv.defvjp(_sparse_conv_fwd, _sparse_conv_bwd)
@@ -185,6 +241,9 @@ def sparse_conv(
     perm=None,
     precision=None,
     backend: str = "xla",
+    wgrad: str = "dense",
+    key=None,
+    wgrad_nm=(2, 4),
 ):
     """Channels-last convolution with ``kernel * fwd`` and Bi-Mask's gradients.
 
@@ -207,8 +266,14 @@ def sparse_conv(
       backend: ``"xla"``, or ``"pallas"``: a 1x1 conv without padding or input dilation runs as
         ``sparse_dense(backend="pallas")`` on the stride-subsampled input (2:4 kernels where the
         masks allow); any other conv uses the XLA path. See ``bimask_jax.pallas_backend``.
+      wgrad, key, wgrad_nm: as in :func:`sparse_dense`; the token axis of ``"mvue"`` is the
+        flattened output positions ``(N, *spatial')`` of ``g`` (each output position is one row of
+        the implicit-GEMM weight-gradient product ``patches(x)^T g``).
     """
     check_choice("backend", backend, BACKENDS)
+    wspec = check_wgrad(wgrad, key, wgrad_nm)
+    if wspec is None:
+        key = None
     decay = check_decay(decay)
     x, kernel = as_array(x), as_array(kernel)
     check_floating("x", x)
@@ -250,11 +315,11 @@ def sparse_conv(
         _positive_ints("rhs_dilation", rhs_dilation, nsp),
         precision,
     )
-    return _sparse_conv_jit(x, kernel, fwd, bwd, perm, decay, cfg, backend)
+    return _sparse_conv_jit(x, kernel, fwd, bwd, perm, key, decay, cfg, backend, wspec)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _sparse_conv_jit(x, kernel, fwd, bwd, perm, decay, cfg, backend):
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def _sparse_conv_jit(x, kernel, fwd, bwd, perm, key, decay, cfg, backend, wgrad):
     if backend == "pallas" and pallas_backend.conv_is_matmul(kernel.shape, cfg):
-        return pallas_backend.sparse_conv_1x1(x, kernel, fwd, bwd, decay, cfg, perm)
-    return _sparse_conv(x, kernel, fwd, bwd, decay, cfg)
+        return pallas_backend.sparse_conv_1x1(x, kernel, fwd, bwd, decay, cfg, perm, wgrad, key)
+    return _sparse_conv(x, kernel, fwd, bwd, key, decay, cfg, wgrad)

@@ -5,7 +5,8 @@
     y  = x @ (W * Mf)                      -> pallas_kernels.spmm on compress(W, axis=0, mask=Mf)
     dx = g @ (W * Mb)^T                    -> pallas_kernels.spmm_bwd_data on
                                               compress((W*Mb)[:, perm].T, axis=0, mask=Mb[:, perm].T)
-    dW = x^T g + decay * (1 - Mf) * W      (dense XLA matmul, as in the xla backend)
+    dW = x^T g + decay * (1 - Mf) * W      (dense XLA matmul, as in the xla backend; with
+                                              wgrad="mvue" of the N:M estimate of g)
 
 The kernels sit inside the ``custom_vjp`` (``jax.grad`` cannot differentiate a ``pallas_call``).
 The ops do not know n:m, so each product checks its own mask: the forward product uses the kernel
@@ -81,27 +82,30 @@ def backward_data_product(g, kernel, bwd, perm, *, precision=None):
     return lax.cond(is_24(bwd[:, perm], 1), with_kernel, with_xla, g, kernel, bwd, perm)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _sparse_dense(x, kernel, fwd, bwd, perm, decay, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _sparse_dense(x, kernel, fwd, bwd, perm, key, decay, precision, wgrad):
     return forward_product(x, kernel, fwd, precision=precision)
 
 
-def _sparse_dense_fwd(x, kernel, fwd, bwd, perm, decay, precision):
+def _sparse_dense_fwd(x, kernel, fwd, bwd, perm, key, decay, precision, wgrad):
     y = forward_product(x, kernel, fwd, precision=precision)
-    return y, (x, kernel, fwd, bwd, perm)
+    return y, (x, kernel, fwd, bwd, perm, key)
 
 
-def _sparse_dense_bwd(decay, precision, res, g):
-    x, kernel, fwd, bwd, perm = res
+def _sparse_dense_bwd(decay, precision, wgrad, res, g):
+    x, kernel, fwd, bwd, perm, key = res
     dx = backward_data_product(g, kernel, bwd, perm, precision=precision).astype(x.dtype)
-    dw = dense_weight_grad(x, kernel, fwd, g, decay, precision)
-    return dx, dw, None, None, None
+    # the weight gradient is an XLA matmul (with "mvue", of the N:M estimate of g; no 2:4 kernel
+    # for it here)
+    dw = dense_weight_grad(x, kernel, fwd, g, decay, precision, wgrad, key)
+    return dx, dw, None, None, None, None
 
 
 _sparse_dense.defvjp(_sparse_dense_fwd, _sparse_dense_bwd)
 
 
-def sparse_dense(x, kernel, fwd, bwd, decay: float, perm=None, precision=None):
+def sparse_dense(x, kernel, fwd, bwd, decay: float, perm=None, precision=None, wgrad=None,
+                 key=None):
     """The ``backend="pallas"`` body of ``bimask_jax.ops.sparse_dense`` (inputs already checked).
 
     ``perm=None`` means the identity permutation; an invalid traced ``perm`` is replaced by it
@@ -109,7 +113,7 @@ def sparse_dense(x, kernel, fwd, bwd, decay: float, perm=None, precision=None):
     """
     c = kernel.shape[1]
     perm = jnp.arange(c, dtype=jnp.int32) if perm is None else safe_perm(perm)
-    return _sparse_dense(x, kernel, fwd, bwd, perm, decay, precision)
+    return _sparse_dense(x, kernel, fwd, bwd, perm, key, decay, precision, wgrad)
 
 
 def conv_is_matmul(kernel_shape, cfg) -> bool:
@@ -124,7 +128,7 @@ def conv_is_matmul(kernel_shape, cfg) -> bool:
     return all(s == 1 for s in window) and all(d == 1 for d in lhs_dilation) and no_pad
 
 
-def sparse_conv_1x1(x, kernel, fwd, bwd, decay: float, cfg, perm=None):
+def sparse_conv_1x1(x, kernel, fwd, bwd, decay: float, cfg, perm=None, wgrad=None, key=None):
     """``backend="pallas"`` body of ``ops.sparse_conv`` for ``conv_is_matmul`` convs.
 
     ``x`` (N, *spatial, Cin) is subsampled by the strides and multiplied with the (Cin, C) kernel
@@ -143,4 +147,6 @@ def sparse_conv_1x1(x, kernel, fwd, bwd, decay: float, cfg, perm=None):
         decay,
         perm,
         precision,
+        wgrad,
+        key,
     )

@@ -136,8 +136,8 @@ def test_a_new_record_field_is_one_definition(monkeypatch):
     from bimask_jax.flax import layer
 
     base = layer.new_record
-    monkeypatch.setattr(layer, "new_record", lambda cfg, method, stack, c: {
-        **base(cfg, method, stack, c), "scale": jnp.ones(stack, jnp.float32)})
+    monkeypatch.setattr(layer, "new_record", lambda cfg, method, stack, c, **kw: {
+        **base(cfg, method, stack, c, **kw), "scale": jnp.ones(stack, jnp.float32)})
     model = bf.sparse(Two(), n=1, m=4)  # a fresh config: nothing cached from other tests
     v = model.init(jax.random.key(0), X)
     assert v["bimask"]["fc"]["scale"].dtype == jnp.float32 and v["bimask"]["fc"]["scale"].shape == ()

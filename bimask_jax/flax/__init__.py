@@ -13,7 +13,17 @@ from bimask_jax.flax.layer import new_record
 from bimask_jax.flax.linen import Sparse
 from bimask_jax.flax.nnx import BimaskState
 from bimask_jax.flax.selection import Layer
-from bimask_jax.flax.state import maybe_refresh, refresh, refresh_due, refresh_state
+from bimask_jax.flax.state import (
+    flip_state,
+    maybe_refresh,
+    refresh,
+    refresh_due,
+    refresh_state,
+    reset_sste_scales,
+    set_wgrad_key,
+    track_flips,
+    with_dense_products,
+)
 from bimask_jax.flax.summary import export, layers, summary
 
 __all__ = [
@@ -22,12 +32,17 @@ __all__ = [
     "Sparse",
     "SparseConfig",
     "export",
+    "flip_state",
     "layers",
     "maybe_refresh",
     "new_record",
     "refresh",
     "refresh_due",
     "refresh_state",
+    "reset_sste_scales",
+    "set_wgrad_key",
     "sparse",
     "summary",
+    "track_flips",
+    "with_dense_products",
 ]

@@ -13,7 +13,8 @@ from bimask_jax.flax.config import SparseConfig
 def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candidates: int = 100,
            refresh_every: int = 100, decay: float = 2e-4, exclude=None, include=None,
            backend: str = "xla", chunk_size: int | None = None, search: str = "auto",
-           search_iterations: int = 100, k_order: str = "hwi", keep_incumbent: bool = True):
+           search_iterations: int = 100, k_order: str = "hwi", keep_incumbent: bool = True,
+           wgrad: str = "dense", track_flips: bool = False):
     """Bi-Mask N:M sparse training for an unmodified Flax model.
 
     Every Dense/DenseGeneral/Conv (linen) or Linear/LinearGeneral/Conv (nnx) layer selected by the
@@ -26,7 +27,11 @@ def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candida
       model: a linen ``nn.Module`` (a new wrapping module is returned; ``init`` gives the unwrapped
         model's collections plus ``"bimask"``) or an ``nnx.Module`` (modified in place and
         returned; state in :class:`BimaskState` variables).
-      n, m: N:M ratio. method: ``"dense"``, ``"srste"``, ``"transposable"`` or ``"bimask"``.
+      n, m: N:M ratio. method: ``"dense"``, ``"srste"``, ``"transposable"``, ``"bimask"`` or
+        ``"sste"`` (S-STE, Hu et al., NeurIPS 2024: each layer multiplies ``scale * S(w)``,
+        :mod:`bimask_jax.sste`, with ``scale`` computed from the kernel when the state is created
+        -- linen ``init``, nnx ``sparse`` -- and fixed, as in the authors' code; straight-through
+        gradient; ``decay`` is not applied. Masks of its products: ``(Mf, Mf)``.)
       num_candidates: random permutations per refresh (0: the no-permutation ablation).
       refresh_every: default period of :func:`maybe_refresh`.
       decay: SR-STE coefficient of the kernel gradient.
@@ -47,12 +52,28 @@ def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candida
         See :class:`~bimask_jax.flax.config.SparseConfig`.
       keep_incumbent: ``True`` (default): a ``"random"`` refresh keeps a layer's permutation unless
         a candidate is strictly better; ``False``: the best fresh candidate, as the reference code.
+      wgrad: ``"dense"`` or ``"mvue"`` (any method; ``n <= 2``): the weight gradient of every
+        sparse layer from the unbiased N:M (this ``n:m``) estimate of the output gradient along
+        the token axis (Chmiel et al., ICLR 2023, as in Hu et al., ICML 2024), so that with
+        ``"bimask"`` or ``"transposable"`` all three products of a layer are N:M. Its key is a
+        state field: call :func:`~bimask_jax.flax.state.set_wgrad_key` every step.
+      track_flips: keep the last forward mask per layer in the state (one bool per kernel entry)
+        for the flip rate of :func:`~bimask_jax.flax.state.track_flips` and :func:`summary`.
+
+    Transposable as in Hu et al. (ICML 2024): ``method="transposable"`` is their mask (exact over
+    the 90 admissible 4x4 patterns for 2:4; :func:`bimask_jax.transposable.optimal_transposable_mask`
+    gives the same mask), and ``decay`` is their masked decay ``decay * (1 - T) * W`` added to the
+    kernel gradient (inside the gradient, i.e. before any clipping; they add it after clipping).
+    Their periodic mask update (every 40 steps) is not an option here: the mask is recomputed
+    from the kernel at every call (:func:`bimask_jax.transposable.periodic_mask` is the pure rule).
+    Dense finish: :func:`~bimask_jax.flax.state.with_dense_products` and
+    :func:`bimask_jax.dense_finish.is_dense_step`.
     """
     cfg = SparseConfig(n=n, m=m, method=method, num_candidates=num_candidates,
                        refresh_every=refresh_every, decay=decay, exclude=exclude,
                        include=include, backend=backend, chunk_size=chunk_size, search=search,
                        search_iterations=search_iterations, k_order=k_order,
-                       keep_incumbent=keep_incumbent)
+                       keep_incumbent=keep_incumbent, wgrad=wgrad, track_flips=track_flips)
     if isinstance(model, nn.Module):
         return _linen.Sparse(model, cfg)
     if isinstance(model, nnx.Module):

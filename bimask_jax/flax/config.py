@@ -9,6 +9,7 @@ from typing import Any
 
 from bimask_jax._checks import K_ORDERS, check_nm
 from bimask_jax.local_search import STRIPE_MAX_M
+from bimask_jax.masked_products import WGRADS
 from bimask_jax.masks import METHODS
 from bimask_jax.permutation import SEARCH_METHODS
 
@@ -53,7 +54,10 @@ class SparseConfig:
 
     Attributes:
       n, m: the N:M ratio (Python ints, ``1 <= n <= m``).
-      method: ``"dense"``, ``"srste"``, ``"transposable"`` or ``"bimask"``.
+      method: ``"dense"``, ``"srste"``, ``"transposable"``, ``"bimask"`` or ``"sste"`` (S-STE, Hu et
+        al., NeurIPS 2024: the layer multiplies ``scale * S(w)``, the soft-thresholded kernel of
+        :mod:`bimask_jax.sste` with its per-layer ``scale`` fixed when the state is created,
+        straight-through gradient, no SR-STE decay whatever ``decay`` is).
       num_candidates: random permutations tried per layer at each refresh (paper: 100).
       refresh_every: refresh period in training steps (paper: 100; first refresh at step 0).
       decay: SR-STE coefficient of ``decay * (1 - Mf) * W`` in the kernel gradient.
@@ -82,6 +86,17 @@ class SparseConfig:
         current permutation unless a candidate is strictly better (a refresh never lowers its
         score); ``False`` takes the best of the fresh candidates, as the reference code does (only
         with ``search="random"``; ``"auto"`` then means ``"random"``).
+      wgrad: ``"dense"`` or ``"mvue"`` (any method): the weight-gradient product of every sparse
+        layer uses the unbiased N:M estimate of the output gradient along the token axis (Chmiel
+        et al., ICLR 2023; ``sparse_dense(wgrad="mvue")``), with this config's ``n:m`` (``n <= 2``)
+        and the layer's ``wgrad_key`` record field as its key: set a fresh one every step with
+        :func:`bimask_jax.flax.state.set_wgrad_key`.
+      track_flips: keep each layer's forward mask of the last :func:`~bimask_jax.flax.state.track_flips`
+        call in the record (``prev_fwd``, one bool per kernel entry), so that ``track_flips`` and
+        ``summary`` report the flip rate (Hu et al., ICML 2024).
+      dense_products: every selected layer runs the plain dense product of its raw kernel (no mask,
+        no S-STE weight, no MVUE), its state still created, checked and kept: the dense finish
+        (:func:`~bimask_jax.flax.state.with_dense_products`).
     """
 
     n: int = 2
@@ -98,6 +113,9 @@ class SparseConfig:
     search_iterations: int = 100
     k_order: str = "hwi"
     keep_incumbent: bool = True
+    wgrad: str = "dense"
+    track_flips: bool = False
+    dense_products: bool = False
 
     def __post_init__(self):
         n, m = check_nm(self.n, self.m)
@@ -135,5 +153,12 @@ class SparseConfig:
             raise ValueError(f"search_iterations must be a Python int >= 0, got {it!r}")
         if self.k_order not in K_ORDERS:
             raise ValueError(f"k_order must be one of {K_ORDERS}, got {self.k_order!r}")
+        if self.wgrad not in WGRADS:
+            raise ValueError(f"wgrad must be one of {WGRADS}, got {self.wgrad!r}")
+        if self.wgrad == "mvue" and n > 2:
+            raise ValueError(f"wgrad='mvue' keeps n in (1, 2) of every m gradient entries, got n={n}")
+        for name in ("track_flips", "dense_products"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         object.__setattr__(self, "exclude", _normalize_filter("exclude", self.exclude))
         object.__setattr__(self, "include", _normalize_filter("include", self.include))

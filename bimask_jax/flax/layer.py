@@ -26,21 +26,51 @@ from jax import lax
 from bimask_jax.masks import layer_masks
 from bimask_jax.ops import sparse_conv, sparse_dense
 from bimask_jax.permutation import default_chunk_size, search_permutation
+from bimask_jax.sste import soft_threshold, sste_weight
 
 
-def new_record(cfg, method: str, stack: tuple[int, ...], c: int) -> dict:
+def new_record(cfg, method: str, stack: tuple[int, ...], c: int, kernel=None) -> dict:
     """The initial Bi-Mask state of one sparse layer with ``C = c`` output columns, stacked
     ``stack`` times (``nn.scan``/``nnx.vmap``). Every field of the per-layer state is defined here
     (name, shape, dtype, initial value); the rest of the wrapper creates, checks, refreshes and
     checkpoints whatever this returns. ``cfg`` (:class:`SparseConfig`) and ``method`` (the layer's
-    effective method) are for fields that only some methods need.
+    effective method) are for fields that only some methods need; ``kernel`` (the layer's
+    ``(*stack, *kshape)`` kernel, or a ``jax.ShapeDtypeStruct`` of it) for fields derived from it
+    (needed by those fields; linen passes it at ``init``, nnx at :func:`bimask_jax.sparse`).
 
     Fields: ``perm`` int32 ``(*stack, C)``, the column permutation of the backward mask (identity);
-    ``refreshes`` int32 ``stack``, the number of refreshes applied to the layer.
+    ``refreshes`` int32 ``stack``, the number of refreshes applied to the layer; and
+
+    * ``sste_scale`` float32 ``stack`` (``method="sste"``): S-STE's per-tensor scale
+      ``<w, S(w)> / <S(w), S(w)>`` of the kernel when the state is created, fixed afterwards, as
+      Hu et al.'s code sets it once at model construction (:func:`bimask_jax.sste.sste_scale`;
+      :func:`~bimask_jax.flax.state.reset_sste_scales` recomputes it, e.g. after loading weights).
+    * ``wgrad_key`` uint32 ``(*stack, 2)`` (``cfg.wgrad="mvue"``, not ``"dense"``): the raw PRNG key
+      of the layer's MVUE weight-gradient draw, zeros until
+      :func:`~bimask_jax.flax.state.set_wgrad_key` writes this step's key.
+    * ``prev_fwd`` bool ``(*stack, *kshape)`` (``cfg.track_flips``): the forward mask at the last
+      :func:`~bimask_jax.flax.state.track_flips` (initially the kernel's own).
     """
-    del cfg, method  # every method has the same fields for now
-    return {"perm": jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (*stack, c)),
-            "refreshes": jnp.zeros(stack, jnp.int32)}
+    rec = {"perm": jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (*stack, c)),
+           "refreshes": jnp.zeros(stack, jnp.int32)}
+    needs_kernel = method == "sste" or cfg.track_flips
+    if needs_kernel and kernel is None:
+        raise ValueError(f"new_record: method={method!r} / track_flips={cfg.track_flips} need the "
+                         "layer's kernel for their initial state")
+    if method == "sste":
+        rec["sste_scale"] = stacked_sste_scales(kernel, c, cfg.n, cfg.m, cfg.k_order, len(stack))
+    if cfg.wgrad == "mvue" and method != "dense":
+        rec["wgrad_key"] = jnp.zeros((*stack, 2), jnp.uint32)
+    if cfg.track_flips:
+        perm = rec["perm"]
+        rec["prev_fwd"] = stacked_masks(kernel, perm, cfg.n, cfg.m, method, cfg.k_order)[0]
+    return rec
+
+
+def record_needed(cfg, method: str) -> bool:
+    """Whether a layer's products read its record (else a linen apply may run without one)."""
+    return (method in ("bimask", "sste") or cfg.backend != "xla" or cfg.wgrad != "dense"
+            or cfg.track_flips)
 
 
 def check_record(path: str, record: dict, cfg, method: str, kernel_shape, stack, c: int) -> None:
@@ -48,7 +78,9 @@ def check_record(path: str, record: dict, cfg, method: str, kernel_shape, stack,
     field of :func:`new_record` present with its shape and dtype kind (static, so also under jit),
     and, where its value is concrete, ``perm`` a permutation of ``range(C)`` along its last axis."""
     k = math.prod(kernel_shape[len(stack):]) // max(c, 1)
-    for name, want in jax.eval_shape(lambda: new_record(cfg, method, tuple(stack), c)).items():
+    shape = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+    for name, want in jax.eval_shape(
+            lambda w: new_record(cfg, method, tuple(stack), c, kernel=w), shape).items():
         got = record.get(name)
         if got is None:
             raise ValueError(f"layer {path!r}: its Bi-Mask state has no {name!r} field")
@@ -84,23 +116,25 @@ def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None
                        preferred_element_type=None, **kwargs):
     """Drop-in ``lax.dot_general`` of a Dense/DenseGeneral/Linear/LinearGeneral layer.
 
-    ``resolve(kernel_shape, in_channels, C, reason) -> (method, perm)`` is the front end's hook:
+    ``resolve(kernel_shape, in_channels, C, reason) -> (method, record)`` is the front end's hook:
     it applies the selection rule (``reason``: why the product cannot be sparse, or ``""``) and
-    returns the layer's method (``"dense"``: the plain product) and permutation (``(C,)`` or None).
+    returns the layer's method (``"dense"``: the plain product) and record (:func:`new_record`,
+    unstacked; None when absent and not :func:`record_needed`). ``cfg.dense_products``: the plain
+    product of every layer (the record was still resolved, so checked).
     """
     (lc, rc), (lb, rb) = dimension_numbers
     n_in = len(rc)
     c = math.prod(rhs.shape[n_in:])
     bad = lb or rb or tuple(rc) != tuple(range(n_in))
     reason = f"unsupported dot_general dimension numbers {dimension_numbers}" if bad else ""
-    method, perm = resolve(rhs.shape, rhs.shape[n_in - 1], c, reason)
-    if method == "dense":
+    method, record = resolve(rhs.shape, rhs.shape[n_in - 1], c, reason)
+    if method == "dense" or cfg.dense_products:
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
-    fwd, bwd = kernel_masks(rhs, c, cfg.n, cfg.m, method, perm if method == "bimask" else None,
-                            cfg.k_order)
-    y = dense_general_product(lhs, rhs, lc, fwd, bwd, cfg.decay, precision=precision,
-                              perm=perm if cfg.backend != "xla" else None, backend=cfg.backend)
+    rhs, fwd, bwd, decay, perm, extra = _operands(cfg, method, rhs, c, record)
+    y = dense_general_product(lhs, rhs, lc, fwd, bwd, decay, precision=precision,
+                              perm=perm if cfg.backend != "xla" else None, backend=cfg.backend,
+                              **extra)
     return y if preferred_element_type is None else y.astype(preferred_element_type)
 
 
@@ -111,24 +145,78 @@ def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dil
     :func:`sparse_dot_general` (only channels-last, ungrouped convs can be sparse)."""
     ok = feature_group_count == 1 and is_channels_last(dimension_numbers, lhs.ndim)
     reason = "" if ok else "unsupported conv configuration"
-    method, perm = resolve(rhs.shape, rhs.shape[-2], rhs.shape[-1], reason)
-    if method == "dense":
+    method, record = resolve(rhs.shape, rhs.shape[-2], rhs.shape[-1], reason)
+    if method == "dense" or cfg.dense_products:
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type, **kwargs,
         )
-    fwd, bwd = kernel_masks(rhs, rhs.shape[-1], cfg.n, cfg.m, method,
-                            perm if method == "bimask" else None, cfg.k_order)
+    rhs, fwd, bwd, decay, perm, extra = _operands(cfg, method, rhs, rhs.shape[-1], record)
     y = sparse_conv(
-        lhs, rhs, fwd, bwd, cfg.decay, strides=window_strides, padding=padding,
+        lhs, rhs, fwd, bwd, decay, strides=window_strides, padding=padding,
         lhs_dilation=lhs_dilation if lhs_dilation is not None else 1,
         rhs_dilation=rhs_dilation if rhs_dilation is not None else (1,) * (lhs.ndim - 2),
         perm=perm if cfg.backend != "xla" else None, precision=precision,
-        backend=cfg.backend,
+        backend=cfg.backend, **extra,
     )
     return y if preferred_element_type is None else y.astype(preferred_element_type)
+
+
+def _operands(cfg, method: str, kernel, c: int, record):
+    """``(kernel, fwd, bwd, decay, perm, extra)`` of a sparse product: the kernel it multiplies
+    (``"sste"``: ``sste_scale * S(kernel)``, straight-through), its masks, SR-STE decay (0 for
+    ``"sste"``), permutation, and ``extra`` keyword arguments of the op (the MVUE ``wgrad``)."""
+    perm = None if record is None else record["perm"]
+    fwd, bwd = kernel_masks(kernel, c, cfg.n, cfg.m, method, perm if method == "bimask" else None,
+                            cfg.k_order)
+    decay = cfg.decay
+    if method == "sste":
+        kernel = sste_kernel(kernel, record["sste_scale"], c, cfg.n, cfg.m, cfg.k_order)
+        decay = 0.0
+    extra = {}
+    if cfg.wgrad == "mvue":
+        extra = dict(wgrad="mvue", key=record["wgrad_key"], wgrad_nm=(cfg.n, cfg.m))
+    return kernel, fwd, bwd, decay, perm, extra
+
+
+def _soft_threshold_matrix(w2, n: int, m: int, k_order: str, fn):
+    """``fn(groups, axis)`` on the S-STE groups of a ``(..., K, C)`` layer matrix: ``"hwi"``: ``m``
+    consecutive rows (axis -2, as :func:`bimask_jax.masks.forward_mask`); ``"ihw"``: ``m``
+    consecutive entries of each column's flattened ``(C, K)`` (the reference's forward groups)."""
+    if k_order == "hwi":
+        return fn(w2, w2.ndim - 2)
+    t = jnp.swapaxes(w2, -1, -2)
+    out = fn(t.reshape(*t.shape[:-2], -1, m), t.ndim - 1)
+    return jnp.swapaxes(out.reshape(t.shape), -1, -2)
+
+
+def sste_kernel(kernel, scale, c: int, n: int, m: int, k_order: str = "hwi"):
+    """S-STE's weight ``scale * S(kernel)`` of an unstacked layer kernel ``(*in_axes, *out_axes)``
+    with ``c`` outputs (groups as :func:`_soft_threshold_matrix`), straight-through in ``kernel``
+    (:func:`bimask_jax.sste.sste_weight`); ``scale`` float32 scalar. Same shape and dtype."""
+    w2 = layer_matrix(kernel, c, k_order)
+    out = _soft_threshold_matrix(
+        w2, n, m, k_order, lambda g, axis: sste_weight(g, scale, n, m, axis=axis))
+    return from_layer_matrix(out, kernel.shape, c, k_order)
+
+
+def stacked_sste_scales(kernel, c: int, n: int, m: int, k_order: str = "hwi", n_stack: int = 0):
+    """float32 ``stack``: :func:`bimask_jax.sste.sste_scale` of each stacked layer's matrix."""
+    w2 = layer_matrix(kernel, c, k_order, n_stack)
+
+    def one(w):
+        s = _soft_threshold_matrix(w, n, m, k_order,
+                                   lambda g, axis: soft_threshold(g, n, m, axis=axis))
+        w, s = w.astype(jnp.float32).ravel(), s.astype(jnp.float32).ravel()
+        den = jnp.vdot(s, s)
+        return jnp.where(den > 0, jnp.vdot(w, s) / jnp.where(den > 0, den, 1.0), 1.0)
+
+    fn = one
+    for _ in range(n_stack):
+        fn = jax.vmap(fn)
+    return fn(w2).astype(jnp.float32)
 
 
 def _reads_ihw(inner, c: int, k_order: str) -> bool:
@@ -188,7 +276,8 @@ def stacked_masks(kernel, perm, n: int, m: int, method: str, k_order: str = "hwi
 
 
 def dense_general_product(
-    x, kernel, lhs_contract, fwd, bwd, decay, *, perm=None, precision=None, backend="xla"
+    x, kernel, lhs_contract, fwd, bwd, decay, *, perm=None, precision=None, backend="xla",
+    **wgrad
 ):
     """``lax.dot_general(x, kernel, ((lhs_contract, range(n_in)), ((), ())))`` through
     :func:`sparse_dense`.
@@ -209,7 +298,7 @@ def dense_general_product(
     free = xm.shape[: nd - n_in]
     y = sparse_dense(
         xm.reshape(*free, k), kernel.reshape(k, c), fwd.reshape(k, c), bwd.reshape(k, c), decay,
-        perm=perm, precision=precision, backend=backend,
+        perm=perm, precision=precision, backend=backend, **wgrad,
     )
     return y.reshape(*free, *kernel.shape[n_in:])
 

@@ -90,11 +90,18 @@ def _intercept(cfg: SparseConfig, seen: dict, next_fun, args, kwargs, ctx):
         seen[path] = layer = decide(cfg, path, kind, tuple(kernel_shape), cin, c, reason)
         if not layer.sparse:
             return "dense", None
-        return layer.method, _perm(cfg, mod, layer, c)
+        return layer.method, _record(cfg, mod, layer, c, kernel.get("rhs"))
+
+    kernel = {}  # the op's kernel, for the state created at init (read by resolve)
 
     conv = isinstance(mod, _CONV_TYPES)
     attr = "conv_general_dilated" if conv else "dot_general"
-    op = functools.partial(sparse_conv_general if conv else sparse_dot_general, cfg, resolve)
+    product = sparse_conv_general if conv else sparse_dot_general
+
+    def op(lhs, rhs, *a, **k):
+        kernel["rhs"] = rhs
+        return product(cfg, resolve, lhs, rhs, *a, **k)
+
     # Modules are frozen dataclasses: swap the op attribute for this call only, then restore it.
     saved = getattr(mod, attr)
     object.__setattr__(mod, attr, op)
@@ -104,9 +111,9 @@ def _intercept(cfg: SparseConfig, seen: dict, next_fun, args, kwargs, ctx):
         object.__setattr__(mod, attr, saved)
 
 
-def _perm(cfg: SparseConfig, mod, layer: Layer, c: int):
-    """Creates (at init) or reads and checks the layer's record; returns its ``perm`` (None when
-    the record is absent and the product does not use it)."""
+def _record(cfg: SparseConfig, mod, layer: Layer, c: int, kernel):
+    """Creates (at init, from ``kernel``) or reads and checks the layer's record; returns it (None
+    when the record is absent and the product does not use it)."""
     path = layer.path
     if mod.is_initializing() and not mod.is_mutable_collection(COLLECTION):
         raise ValueError(
@@ -114,18 +121,20 @@ def _perm(cfg: SparseConfig, mod, layer: Layer, c: int):
             f"is inside nn.scan/nn.vmap, add {COLLECTION!r} to its variable_axes, e.g. "
             f"variable_axes={{'params': 0, {COLLECTION!r}: 0}} (or {{True: 0}})"
         )
-    init = _layer.new_record(cfg, layer.method, (), c)
     if not mod.has_variable(COLLECTION, "perm") and not mod.is_mutable_collection(COLLECTION):
-        if layer.method != "bimask" and cfg.backend == "xla":
+        if not _layer.record_needed(cfg, layer.method):
             return None
         raise ValueError(
             f"layer {path!r} has no Bi-Mask state: pass the {COLLECTION!r} collection returned "
             f"by model.init(...) to model.apply (if inside nn.scan/nn.vmap, add {COLLECTION!r} "
             f"to its variable_axes)"
         )
-    record = {k: mod.variable(COLLECTION, k, lambda v=v: v).value for k, v in init.items()}
+    init = functools.cache(lambda: _layer.new_record(cfg, layer.method, (), c, kernel=kernel))
+    names = jax.eval_shape(lambda w: _layer.new_record(cfg, layer.method, (), c, kernel=w),
+                           jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+    record = {k: mod.variable(COLLECTION, k, lambda k=k: init()[k]).value for k in names}
     check_record(path, record, cfg, layer.method, layer.kernel_shape, (), c)
-    return record["perm"]
+    return record
 
 
 # ------------------------------------------------------------ state access (bimask_jax.flax.state)

@@ -32,9 +32,10 @@ class SparseOp(nnx.Module):
     (Conv: channels-last, no groups). Static ``config``, ``layer`` (:class:`Layer`), ``conv``; one
     :class:`BimaskState` per record field (``perm`` int32 ``(*stack, C)``, ``refreshes``, ...)."""
 
-    def __init__(self, config: SparseConfig, layer: Layer, conv: bool, c: int, stack: tuple):
+    def __init__(self, config: SparseConfig, layer: Layer, conv: bool, c: int, stack: tuple,
+                 kernel=None):
         self.config, self.layer, self.conv = config, layer, conv
-        record = _layer.new_record(config, layer.method, stack, c)
+        record = _layer.new_record(config, layer.method, stack, c, kernel=kernel)
         self.fields = tuple(record)
         for name, value in record.items():
             setattr(self, name, BimaskState(value))
@@ -49,7 +50,7 @@ class SparseOp(nnx.Module):
             return "dense", None
         record = self.record()
         check_record(self.layer.path, record, self.config, self.layer.method, kernel_shape, (), c)
-        return self.layer.method, record["perm"]
+        return self.layer.method, record
 
     def __call__(self, *args, **kwargs):
         op = sparse_conv_general if self.conv else sparse_dot_general
@@ -111,7 +112,8 @@ def sparsify(model: nnx.Module, config: SparseConfig) -> nnx.Module:
     for layer, attr, info, c, stack in plan:
         setattr(layer, LAYER_ATTR, info)
         if info.sparse:
-            op = SparseOp(config, info, attr == "conv_general_dilated", c, stack)
+            op = SparseOp(config, info, attr == "conv_general_dilated", c, stack,
+                          kernel=layer.kernel[...])
             setattr(layer, attr, nnx.data(op))
     return model
 

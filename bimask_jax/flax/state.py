@@ -9,6 +9,7 @@ the one pure refresh over it; :func:`refresh` (from the host, between jitted ste
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,7 +19,13 @@ from flax import nnx
 from bimask_jax.flax import linen as _linen
 from bimask_jax.flax import nnx as _nnx
 from bimask_jax.flax.config import SparseConfig
-from bimask_jax.flax.layer import check_record, refresh_layers, safe_perm
+from bimask_jax.flax.layer import (
+    check_record,
+    refresh_layers,
+    safe_perm,
+    stacked_masks,
+    stacked_sste_scales,
+)
 from bimask_jax.flax.selection import effective_method, search_method
 
 
@@ -182,3 +189,149 @@ def maybe_refresh(key, model, variables=None, step=0, *, refresh_every: int | No
         recs = jax.lax.cond(due, run, lambda k, recs: recs, key, [records[p] for p in paths])
         new = dict(zip(paths, recs, strict=True))
     return frontend(model).write_state(model, variables, new)
+
+
+# ----------------------------------------------------- per-step state of the methods after Bi-Mask
+
+
+def _layer_keys(key, records: dict, field: str) -> dict:
+    """``{path: uint32 (*stack, 2)}``: layer ``i`` (sorted path order, among the records holding
+    ``field``) gets ``key_data(fold_in(key, i))``, a stacked layer a split of it over its stack."""
+    out = {}
+    paths = [p for p in sorted(records, key=_key) if field in records[p]]
+    for i, p in enumerate(paths):
+        shape = records[p][field].shape  # (*stack, 2)
+        lk = jax.random.fold_in(key, i)
+        size = math.prod(shape[:-1])
+        ks = jax.random.split(lk, size) if shape[:-1] else lk
+        data = jax.random.key_data(ks)
+        if data.shape[-1:] != shape[-1:]:
+            raise ValueError(f"key must be of the default PRNG implementation (key data of "
+                             f"{shape[-1]} uint32 words), got key data of shape {data.shape}")
+        out[p] = data.reshape(shape).astype(jnp.uint32)
+    return out
+
+
+def _as_key(key):
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.ndim:
+            raise ValueError(f"key must be one PRNG key, got shape {key.shape}")
+        return key
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(f"key must be a PRNG key (jax.random.key(...) or a uint32 (2,) PRNGKey), "
+                         f"got {key.dtype}{tuple(key.shape)}")
+    return jax.random.wrap_key_data(key)
+
+
+def set_wgrad_key(key, model, variables=None):
+    """This step's keys of the MVUE weight gradients (``sparse(..., wgrad="mvue")``).
+
+    The key reaches the ops' ``custom_vjp`` as an array of the layer's record (``wgrad_key``), so
+    it travels with the state like the permutation, in linen and nnx alike, under ``jit``, and is
+    the same on every device of a mesh. Call this once per training step, before the forward
+    pass, with a fresh key (e.g. ``fold_in(key, step)``); a key left unchanged repeats the same
+    random draws (still unbiased each step, but correlated across steps). Pure.
+
+    Args:
+      key: PRNG key (``jax.random.key`` scalar or uint32 ``(2,)``; may be traced). Layer ``i`` of
+        those with a ``wgrad_key``, in sorted path order, gets ``fold_in(key, i)``; a stacked layer
+        a split of it over its stack.
+      model, variables: as :func:`refresh`.
+
+    Returns:
+      linen: the new ``"bimask"`` collection; nnx: an ``nnx.State`` of :class:`BimaskState` (as
+      :func:`refresh`).
+    """
+    cfg, records, kernels = read(model, variables)
+    if cfg.wgrad != "mvue":
+        raise ValueError(f"set_wgrad_key: the model was made sparse with wgrad={cfg.wgrad!r}; "
+                         "per-step keys are for wgrad='mvue'")
+    keys = _layer_keys(_as_key(key), records, "wgrad_key")
+    new = {p: ({**r, "wgrad_key": keys[p]} if p in keys else r) for p, r in records.items()}
+    return frontend(model).write_state(model, variables, new)
+
+
+def flip_state(cfg: SparseConfig, records: dict, kernels: dict):
+    """The flip rates (Hu et al., ICML 2024; :func:`bimask_jax.stability.flip_rate`) of every
+    layer's forward mask between its record's ``prev_fwd`` and its current kernel. Pure.
+
+    Returns:
+      ``(rates, aggregate, new_records)``: ``{path: float32 scalar}`` (the fraction of the layer's
+      mask entries, all stacked layers together, whose keep/drop state changed), the float32
+      fraction over all tracked layers' entries, and the records with ``prev_fwd`` set to the
+      current masks.
+    """
+    if not cfg.track_flips:
+        raise ValueError("flip rates need sparse(..., track_flips=True) (the previous mask is kept "
+                         "in the state only then)")
+    rates, new, flipped, total = {}, {}, jnp.float32(0.0), 0
+    for p in sorted(records, key=_key):
+        rec, kernel = records[p], kernels[p]
+        method = geometry(cfg, p, rec, kernel)[0]
+        fwd = stacked_masks(kernel, rec["perm"], cfg.n, cfg.m, method, cfg.k_order)[0]
+        diff = jnp.sum(fwd != rec["prev_fwd"], dtype=jnp.float32)
+        rates[p] = diff / fwd.size
+        flipped, total = flipped + diff, total + fwd.size
+        new[p] = {**rec, "prev_fwd": fwd}
+    return rates, flipped / max(total, 1), new
+
+
+def track_flips(model, variables=None):
+    """Forward-mask flip rates since the last call, and the state that remembers the masks now.
+
+    Call once per training step after the optimizer update (under ``jit`` too): the rates are
+    between the masks of the kernels at the previous call (initially the kernels at ``init`` /
+    ``sparse``) and the current kernels. Needs ``sparse(..., track_flips=True)``, which keeps one
+    bool per kernel entry in the state (``prev_fwd``).
+
+    Returns:
+      ``(state, rates, aggregate)``: the new state (as :func:`refresh`: linen ``"bimask"``
+      collection, nnx ``nnx.State``), ``{"a/b": float32 scalar}`` per sparse layer and the float32
+      aggregate (flipped entries over all entries of the tracked layers).
+    """
+    cfg, records, kernels = read(model, variables)
+    rates, agg, new = flip_state(cfg, records, kernels)
+    rates = {"/".join(map(str, p)): r for p, r in rates.items()}
+    return frontend(model).write_state(model, variables, new), rates, agg
+
+
+def reset_sste_scales(model, variables=None):
+    """The state with every S-STE layer's ``sste_scale`` recomputed from its current kernel
+    (:func:`bimask_jax.sste.sste_scale`), e.g. after loading pretrained weights into a model whose
+    state was created from its random initialization. Returns the state as :func:`refresh`."""
+    cfg, records, kernels = read(model, variables)
+    new = {}
+    for p, rec in records.items():
+        if "sste_scale" in rec:
+            method, stack, c = geometry(cfg, p, rec, kernels[p])
+            rec = {**rec, "sste_scale": stacked_sste_scales(kernels[p], c, cfg.n, cfg.m,
+                                                            cfg.k_order, len(stack))}
+        new[p] = rec
+    return frontend(model).write_state(model, variables, new)
+
+
+def with_dense_products(model, dense: bool = True):
+    """The dense finish (Hu et al., ICML 2024: the last part of training dense): a model whose
+    selected layers run the plain dense product of their raw kernels (``dense=True``) or the
+    sparse one again (``False``), with the same parameters and state.
+
+    linen: returns a new :class:`~bimask_jax.flax.linen.Sparse` with the same structure; its
+    ``apply`` takes the same variables (the ``"bimask"`` state is still read, checked and kept,
+    so a checkpoint and :func:`refresh`/:func:`summary` work unchanged). nnx: switches the model
+    in place and returns it (a static attribute: an ``nnx.jit`` step retraces once). Which step is
+    dense: :func:`bimask_jax.dense_finish.is_dense_step`.
+    """
+    if not isinstance(dense, bool):
+        raise ValueError(f"dense must be a bool, got {dense!r}")
+    fe = frontend(model)
+    cfg = fe.config(model)
+    if cfg is None:
+        raise ValueError("the model was not made sparse by bimask_jax.sparse")
+    new_cfg = dataclasses.replace(cfg, dense_products=dense)
+    if fe is _linen:
+        return model.clone(config=new_cfg)
+    for _, _, op in _nnx._candidates(model):
+        if op is not None:
+            op.config = new_cfg
+    return model

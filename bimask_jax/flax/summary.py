@@ -4,11 +4,14 @@ masks applied, for the unwrapped model). One code path over the state of :mod:`.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
-from bimask_jax.flax.layer import layer_matrix, stacked_masks
+from bimask_jax.flax.layer import layer_matrix, sste_kernel, stacked_masks
 from bimask_jax.flax.selection import effective_method, search_method
-from bimask_jax.flax.state import frontend, geometry, read
+from bimask_jax.flax.state import flip_state, frontend, geometry, read
 from bimask_jax.permutation import permutation_score, retained_upper_bound, search_efficacy
 
 _COLUMNS = ("path", "kind", "kernel_shape", "status", "method", "fwd_density", "bwd_density",
@@ -63,8 +66,9 @@ def format_table(rows: list[dict]) -> str:
             return "x".join(map(str, v))
         return str(v)
 
-    table = [list(_COLUMNS)] + [[cell(r, k) for k in _COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
+    cols = _COLUMNS + (("flip_rate",) if any("flip_rate" in r for r in rows) else ())
+    table = [list(cols)] + [[cell(r, k) for k in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
     ]
@@ -93,7 +97,13 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
       of kernel entries kept by the forward mask), ``bwd_density`` and ``bwd_retained``
       (backward-mask entries over forward-mask entries), and for ``"bimask"`` layers
       ``efficacy``: the share of the possible gain over the identity permutation that the layer's
-      permutation achieved (``search_efficacy``; 1.0 when the identity is already optimal).
+      permutation achieved (``search_efficacy``; 1.0 when the identity is already optimal);
+      ``"sste"`` layers: ``sste_scale`` (float, or a list over the stack). With
+      ``track_flips=True`` every sparse row has ``flip_rate`` (forward-mask entries changed since
+      the last :func:`~bimask_jax.flax.state.track_flips`, or since ``init``/``sparse``), and a
+      last row ``{"path": "(all)", "status": "aggregate", "flip_rate": ...}`` the fraction over all
+      sparse layers' entries. A model under the dense finish (``dense_products``) says so in
+      ``note``; its statistics are those of the masks it would use when sparse.
     """
     fe = frontend(model)
     seen = fe.layers(model, variables, sample_args, sample_kwargs)
@@ -105,6 +115,7 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
         return rows
     cfg, records, kernels = read(model, variables)
     by_path = {"/".join(map(str, p)): p for p in records}
+    flips = flip_state(cfg, records, kernels)[:2] if cfg.track_flips else None
     order = [x.path for x in seen or ()]
     order += sorted(p for p in by_path if p not in set(order))
     info = {x.path: x for x in seen or ()}
@@ -119,17 +130,29 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
             k = kernels[p][(0,) * len(stack)].size // c
             note = x.note if x else (effective_method(cfg, c, k)[1]
                                      or (search_method(cfg, c)[1] if method == "bimask" else ""))
+            if cfg.dense_products:
+                note = "dense products (dense finish)" + (f"; {note}" if note else "")
             row.update(kernel_shape=tuple(kernels[p].shape), status="sparse", method=method,
                        note=note, **_stats(kernels[p], records[p]["perm"], method, cfg.n, cfg.m,
                                            cfg.k_order))
+            if "sste_scale" in records[p]:
+                sc = jax.device_get(records[p]["sste_scale"])
+                row["sste_scale"] = float(sc) if sc.ndim == 0 else sc.tolist()
+            if flips is not None:
+                row["flip_rate"] = float(flips[0][p])
         rows.append(row)
+    if flips is not None:
+        rows.append(dict(path="(all)", kind=None, kernel_shape=None, status="aggregate",
+                         method="", note="", flip_rate=float(flips[1])))
     if print_fn is not None:
         print_fn(format_table(rows))
     return rows
 
 
 def export(model, variables=None):
-    """Inference weights: every sparse kernel multiplied by its forward mask.
+    """Inference weights: every sparse kernel multiplied by its forward mask (``"sste"``: replaced
+    by the weight the layer multiplies, ``sste_scale * S(kernel)``); a model under the dense
+    finish (``dense_products``) exports its kernels unchanged, as it computes with them.
 
     Returns:
       linen: the variables without the ``"bimask"`` collection (``params`` has the unwrapped
@@ -139,8 +162,15 @@ def export(model, variables=None):
     cfg, records, kernels = read(model, variables)
     masked = {}
     for p, rec in records.items():
-        method = geometry(cfg, p, rec, kernels[p])[0]
-        if method != "dense":
+        method, stack, c = geometry(cfg, p, rec, kernels[p])
+        if cfg.dense_products:
+            continue
+        if method == "sste":
+            fn = functools.partial(sste_kernel, c=c, n=cfg.n, m=cfg.m, k_order=cfg.k_order)
+            for _ in stack:
+                fn = jax.vmap(fn)
+            masked[p] = fn(kernels[p], rec["sste_scale"])
+        elif method != "dense":
             fwd, _ = stacked_masks(kernels[p], rec["perm"], cfg.n, cfg.m, method, cfg.k_order)
             masked[p] = jnp.where(fwd, kernels[p], jnp.zeros((), kernels[p].dtype))
     return frontend(model).write_kernels(model, variables, masked)
