@@ -17,6 +17,13 @@ per method, and the backward mask's retained fraction per epoch for the Bi-Mask 
         --work-dir /tmp/bimask-compare --seeds 0 1 --epochs 10 --train-per-class 1000 \\
         --out benchmarks/results/compare_cpu.jsonl --plots
     # extra train/cifar.py flags after --, e.g.:  -- --width-mult 0.5 --batch-size 128
+
+``--semantics`` picks what the training script computes besides the method: ``ours`` (default; the
+settings of the first comparison in RESULTS.md: ``--k-order hwi --keep-incumbent --wd-rule kernels
+--cifar-std cifar10``, and ``bimask`` with 100 candidates) or ``reference`` (the scripts' defaults,
+which follow the authors' code: ``ihw`` grouping, the best fresh candidate replacing the current
+permutation, weight decay on every parameter without "bn" in its name, their CIFAR std, and
+``bimask`` with their CIFAR ``greedy_num`` of 10 candidates). Every row records it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,23 @@ METHODS = {
     "bimask": ["--method", "bimask", "--search", "random", "--num-candidates", "100"],
     "bimask-stripe": ["--method", "bimask", "--search", "stripe"],
 }
+
+
+# Flags per --semantics (see the module docstring); "bimask" candidates are set per semantics.
+SEMANTICS = {
+    "ours": ["--k-order", "hwi", "--keep-incumbent", "--wd-rule", "kernels",
+             "--cifar-std", "cifar10"],
+    "reference": [],
+}
+CANDIDATES = {"ours": "100", "reference": "10"}
+
+
+def method_flags(method: str, semantics: str) -> list[str]:
+    """The train/cifar.py flags of ``method`` under ``semantics``."""
+    flags = list(METHODS[method])
+    if method == "bimask":
+        flags[flags.index("--num-candidates") + 1] = CANDIDATES[semantics]
+    return flags + SEMANTICS[semantics]
 
 
 def extracted_root(data: str, work_dir: str) -> str:
@@ -197,6 +221,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--train-per-class", type=int, default=0, help="0: all")
     p.add_argument("--test-per-class", type=int, default=0, help="0: all")
     p.add_argument("--plots", action="store_true")
+    p.add_argument("--semantics", default="ours", choices=list(SEMANTICS),
+                   help="ours: the first comparison's settings; reference: the authors' code's")
     args = p.parse_args(argv)
 
     import jax  # after the argument checks: importing JAX takes seconds
@@ -225,15 +251,16 @@ def main(argv=None) -> list[dict]:
             for line in f:
                 r = json.loads(line)
                 rows.append(r)
-                done.add((r["nm"], r["method"], r["seed"]))
+                done.add((r["nm"], r["method"], r["seed"], r.get("semantics", "ours")))
     for nm in args.nm:
         n, m = (int(v) for v in nm.split(":"))
         for seed in args.seeds:
             for method in args.methods:
-                if (nm, method, seed) in done:
+                if (nm, method, seed, args.semantics) in done:
                     continue
                 if method == "dense" and any(
-                    r["method"] == "dense" and r["seed"] == seed for r in rows
+                    r["method"] == "dense" and r["seed"] == seed
+                    and r.get("semantics", "ours") == args.semantics for r in rows
                 ):
                     continue  # dense does not depend on N:M
                 run_dir = os.path.join(args.work_dir, "runs", f"{method}-{n}of{m}-s{seed}")
@@ -257,7 +284,7 @@ def main(argv=None) -> list[dict]:
                     "--run-dir",
                     run_dir,
                     "--no-progress",
-                    *METHODS[method],
+                    *method_flags(method, args.semantics),
                     *extra,
                 ]
                 summary = cifar.main(flags)
@@ -267,6 +294,7 @@ def main(argv=None) -> list[dict]:
                     "method": method,
                     "nm": nm,
                     "seed": seed,
+                    "semantics": args.semantics,
                     "arch": args.arch,
                     "device": device,
                     "epochs": summary["epochs_done"],

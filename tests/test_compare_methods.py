@@ -79,3 +79,20 @@ def test_plots_one_panel_per_nm(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["cmp_top1.png", "cmp_retained.png"]
     top1, retained = (Image.open(p).size for p in paths)
     assert top1[0] > 1.8 * retained[0]  # two N:M panels (1:4, 2:4) against one
+
+
+def test_semantics_flags_give_the_settings_they_name():
+    """--semantics ours reproduces the first comparison's settings; reference the scripts'
+    (reference) defaults with the reference's CIFAR greedy_num of 10."""
+    from train import cifar
+
+    base = ["--dataset", "digits", "--arch", "resnet20"]
+    ours = cifar.parse(base + cm.method_flags("bimask", "ours"))
+    assert (ours.k_order, ours.keep_incumbent, ours.wd_rule, ours.cifar_std,
+            ours.num_candidates, ours.search) == ("hwi", True, "kernels", "cifar10", 100, "random")
+    ref = cifar.parse(base + cm.method_flags("bimask", "reference"))
+    assert (ref.k_order, ref.keep_incumbent, ref.wd_rule, ref.cifar_std,
+            ref.num_candidates) == ("ihw", False, "bn_name", "reference", 10)
+    stripe = cifar.parse(base + cm.method_flags("bimask-stripe", "reference"))
+    assert stripe.search == "stripe" and stripe.keep_incumbent
+    assert cm.method_flags("dense", "ours")[:2] == ["--method", "dense"]
