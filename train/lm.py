@@ -331,7 +331,7 @@ class Trainer:
         opt = jax.jit(self.tx.init)(params)
         self.shardings = {"step": self.repl, "params": param_sh, "bimask": bimask_sh,
                           "opt": jax.tree.map(lambda x: x.sharding, opt), "rng": self.repl}
-        self.init_state = {"step": jnp.zeros((), jnp.int32), "params": params, "bimask": bimask,
+        self.init_state = {"step": jax.device_put(jnp.zeros((), jnp.int32), self.repl), "params": params, "bimask": bimask,
                            "opt": opt, "rng": jax.device_put(jax.random.PRNGKey(args.seed),
                                                              self.repl)}
         self.n_params = sum(int(x.size) for x in jax.tree.leaves(params))
