@@ -222,10 +222,8 @@ def check_layout(args, gcfg: gpt.GPTConfig, mesh_shape, perm_blocks: int) -> Non
     if gcfg.vocab_size % mdl:
         raise ValueError(f"the model axis ({mdl}) must divide the vocabulary ({gcfg.vocab_size}); "
                          "pass --vocab-size")
-    for name, size in (("n_embd", gcfg.n_embd), ("vocab_size", gcfg.vocab_size),
-                       ("block_size", gcfg.block_size)):
-        if size % f:
-            raise ValueError(f"the fsdp axis ({f}) must divide {name} ({size})")
+    if gcfg.n_embd % f:
+        raise ValueError(f"the fsdp axis ({f}) must divide n_embd ({gcfg.n_embd})")
     if args.method == "dense":
         return
     if perm_blocks < 1 or perm_blocks % mdl:
@@ -305,6 +303,31 @@ def make_optimizer(args) -> tuple[optax.GradientTransformation, callable]:
     return optax.chain(*parts), schedule
 
 
+def _names(path) -> tuple:
+    return tuple(_key_name(k) for k in path)
+
+
+def optimizer_shardings(tx, params, param_sh, replicated):
+    """Shardings of ``tx.init(params)``: a leaf whose path ends with a parameter's path and has its
+    shape (AdamW's moments) is sharded like that parameter (FSDP of the optimizer state); the
+    rest (counters) is replicated."""
+    by_path = {}
+    for (path, x), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                  jax.tree_util.tree_flatten_with_path(param_sh)[0], strict=True):
+        by_path[_names(path)] = (x.shape, sh)
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def pick(path, leaf):
+        names = _names(path)
+        for n in lengths:
+            hit = by_path.get(names[-n:]) if len(names) >= n else None
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+
+
 class Trainer:
     """Everything of one run that does not change between steps: model graph, optimizer, mesh,
     shardings and the jitted steps. ``state`` is a plain dict pytree ``{"step", "params",
@@ -328,9 +351,10 @@ class Trainer:
             for path, var in nnx.to_flat_state(bimask)])
         params = jax.device_put(params, param_sh)
         bimask = jax.device_put(bimask, bimask_sh)
-        opt = jax.jit(self.tx.init)(params)
+        opt_sh = optimizer_shardings(self.tx, params, param_sh, self.repl)
+        opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
         self.shardings = {"step": self.repl, "params": param_sh, "bimask": bimask_sh,
-                          "opt": jax.tree.map(lambda x: x.sharding, opt), "rng": self.repl}
+                          "opt": opt_sh, "rng": self.repl}
         self.init_state = {"step": jax.device_put(jnp.zeros((), jnp.int32), self.repl), "params": params, "bimask": bimask,
                            "opt": opt, "rng": jax.device_put(jax.random.PRNGKey(args.seed),
                                                              self.repl)}
@@ -375,6 +399,15 @@ class Trainer:
     def grads(self, state, batch):
         """(loss, grads) of ``batch`` at ``state`` after its refresh (tests)."""
         return jax.value_and_grad(self.loss)(state["params"], self.refreshed(state), batch)
+
+    def masks(self, state) -> dict:
+        """``{layer path: (fwd, bwd)}`` of every sparse layer, computed as the train step computes
+        them (jit this; tests)."""
+        out = {}
+        for path, layer, op in sparse_layers(self.model(state)):
+            fwd, bwd, _ = op._masks(layer.kernel[...], layer.kernel.shape[-1])
+            out["/".join(map(str, path))] = (fwd, bwd)
+        return out
 
     def _eval_loss(self, state, batch):
         return self.loss(state["params"], state["bimask"], batch)
