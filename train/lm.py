@@ -392,7 +392,7 @@ class Trainer:
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "lr": self.schedule(state["step"]),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         return {"step": state["step"] + 1, "params": params, "bimask": bimask, "opt": opt,
                 "rng": state["rng"]}, metrics
 
