@@ -355,9 +355,9 @@ class Trainer:
         opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
         self.shardings = {"step": self.repl, "params": param_sh, "bimask": bimask_sh,
                           "opt": opt_sh, "rng": self.repl}
-        self.init_state = {"step": jax.device_put(jnp.zeros((), jnp.int32), self.repl), "params": params, "bimask": bimask,
-                           "opt": opt, "rng": jax.device_put(jax.random.PRNGKey(args.seed),
-                                                             self.repl)}
+        self.init_state = {"step": jax.device_put(jnp.zeros((), jnp.int32), self.repl),
+                           "params": params, "bimask": bimask, "opt": opt,
+                           "rng": jax.device_put(jax.random.PRNGKey(args.seed), self.repl)}
         self.n_params = sum(int(x.size) for x in jax.tree.leaves(params))
         fast = args.fast_compile
         self.train_step = _compile(jax.jit(
