@@ -93,16 +93,24 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = dict(zip(METHODS, ("black", "tab:blue", "tab:green", "tab:red", "tab:purple"),
                       strict=True))
+    dense = {r["seed"]: dict(r["curve"]) for r in rows if r["method"] == "dense"}
     for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
         steps, losses = zip(*r["curve"], strict=True)
-        ax.plot(steps, losses, color=colors[r["method"]], ls="-" if r["seed"] == 0 else "--",
-                label=f"{r['method']} seed {r['seed']}")
+        style = dict(color=colors[r["method"]], ls="-" if r["seed"] == 0 else "--",
+                     label=f"{r['method']} seed {r['seed']}")
+        ax.plot(steps, losses, **style)
+        if r["seed"] in dense:
+            gx.plot(steps, [v - dense[r["seed"]][s] for s, v in zip(steps, losses, strict=True)],
+                    **style)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.legend(fontsize=7)
+    gx.set_xlabel("step")
+    gx.set_ylabel("validation loss - dense (same seed)")
+    gx.axhline(0, color="grey", lw=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
