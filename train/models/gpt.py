@@ -192,11 +192,18 @@ class GPT(nnx.Module):
         self.lm_head = ParallelLinear(d, cfg.vocab_size, role="column", mesh=mesh, dtype=dtype,
                                       use_bias=False, rngs=rngs)
 
+    def _embed(self, table, idx):
+        """Lookup in an embedding table gathered over ``fsdp`` first (as every kernel is): a
+        gather from a table sharded along its width would leave the activations sharded along the
+        width, which the compiler cannot move to the batch layout without replicating them."""
+        w = _constrain(table.embedding[...], self.mesh, P(None, None))
+        return jnp.take(w, idx, axis=0).astype(self.dtype or w.dtype)
+
     def __call__(self, idx):
         b, t = idx.shape
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
-        x = self.wte(idx) + self.wpe(jnp.arange(t))[None]
+        x = self._embed(self.wte, idx) + self._embed(self.wpe, jnp.arange(t))[None]
         x = _constrain(x, self.mesh, P(BATCH_AXES, None, None))
         for i in range(self.config.n_layer):
             x = getattr(self, f"h{i}")(x)
