@@ -124,7 +124,7 @@ COLLECTIVES = PRELUDE + textwrap.dedent(
         for line in text.splitlines():
             mt = PAT.search(line)
             if mt:
-                shape = re.sub(r"\\{[^}]*\\}", "", mt.group(1))
+                shape = re.sub(r"\\{[^}]*\\}|/\\*[^*]*\\*/", "", mt.group(1))
                 found[(mt.group(2), shape)] += 1
         return found
 
@@ -156,7 +156,7 @@ COLLECTIVES = PRELUDE + textwrap.dedent(
             # Score sums only: every kernel, mask, gradient and activation of this model has an
             # axis of the width 32; the search's score tables (candidates; stripe: group pairs x
             # 4^m row patterns) do not.
-            dims = re.findall(r"\\d+", shape.split("[", 1)[1])
+            dims = [d for grp in re.findall(r"\\[([0-9,]*)\\]", shape) for d in grp.split(",")]
             assert op == "all-reduce" and "32" not in dims, (op, shape)
             assert nbytes(shape) <= 4 * max(8, (128 // 8) * 4 ** 4), (op, shape)
         for op, shape in more:
