@@ -7,21 +7,22 @@ The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendl
 * permutations: :func:`permutation_score`, :func:`search_permutation`, :func:`retained_upper_bound`,
   :func:`search_efficacy`.
 * products with Bi-Mask's gradients: :func:`sparse_dense`, :func:`sparse_conv`.
-* :mod:`bimask_jax.cpu_masks`: the per-step masks as one CPU kernel (AVX-512, built on first use),
-  which :func:`layer_masks` uses on the CPU by default (``impl="auto"``); same masks, bit for bit.
 
 Around it, for Flax models (linen and nnx): :func:`sparse` wraps an unmodified model;
 :func:`refresh` / :func:`maybe_refresh` / :func:`refresh_due` update the per-layer permutations;
-:func:`summary` reports per-layer sparsity; :func:`export` gives plain inference weights.
+:func:`layers` says which layers are sparse and why; :func:`summary` reports per-layer
+sparsity; :func:`export` gives plain inference weights.
 
 Kernel layout is Flax's: the last axis is the output axis C, every other axis is reduction; a conv
-kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``.
+kernel ``(*window, Cin, C)`` is read as the matrix ``(prod(window) * Cin, C)``, rows ``Cin``
+fastest (``k_order="hwi"``) or, as the authors' PyTorch code reads it, ``(Cin, *window)``
+(``k_order="ihw"``; every mask, search and :func:`sparse` takes ``k_order``).
 """
 
-from bimask_jax import cpu_masks
 from bimask_jax.flax import (
     BimaskState,
     export,
+    layers,
     maybe_refresh,
     refresh,
     refresh_due,
@@ -29,7 +30,6 @@ from bimask_jax.flax import (
     summary,
 )
 from bimask_jax.masks import (
-    IMPLS,
     METHODS,
     backward_mask,
     forward_mask,
@@ -49,11 +49,10 @@ from bimask_jax.permutation import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "IMPLS",
     "METHODS",
-    "cpu_masks",
     "BimaskState",
     "export",
+    "layers",
     "maybe_refresh",
     "refresh",
     "refresh_due",

@@ -1,15 +1,26 @@
 """Argument checks shared by the functional core.
 
-Every check raises ``ValueError`` naming the offending parameter and the rule it breaks. Checks only
-look at static information (shapes, dtypes, Python ints), so they work unchanged under ``jit``,
-``vmap`` and ``grad``; value checks (is ``perm`` a permutation?) run only on concrete arrays.
+Every check raises ``ValueError`` naming the offending parameter and the rule it breaks. Checks look
+at static information (shapes, dtypes, Python numbers), so they run unchanged under ``jit``, ``vmap``
+and ``grad``; the one value check, "is ``perm`` a permutation?", runs in Python on concrete arrays
+and in the graph (:func:`safe_perm`) on traced ones.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+
+K_ORDERS = ("hwi", "ihw")
+
+
+def as_array(x):
+    """``x`` itself when it is already an array (JAX or NumPy), else ``jnp.asarray(x)``."""
+    return x if isinstance(x, (jax.Array, np.ndarray)) else jnp.asarray(x)
 
 
 def check_nm(n, m) -> tuple[int, int]:
@@ -27,6 +38,17 @@ def check_nm(n, m) -> tuple[int, int]:
     return n, m
 
 
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a Python int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_floating(name: str, x) -> None:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -34,11 +56,12 @@ def check_floating(name: str, x) -> None:
 
 
 def check_kernel(kernel, name: str = "kernel") -> None:
-    """A kernel is a floating array with at least 2 axes (reduction..., output)."""
-    if jnp.ndim(kernel) < 2:
-        raise ValueError(
-            f"{name} must have at least 2 axes (..., in, out), got shape {jnp.shape(kernel)}"
-        )
+    """A kernel is a floating array with at least 2 axes (reduction..., output), none of size 0."""
+    shape = jnp.shape(kernel)
+    if len(shape) < 2:
+        raise ValueError(f"{name} must have at least 2 axes (..., in, out), got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"{name} must not have an axis of size 0, got shape {shape}")
     check_floating(name, kernel)
 
 
@@ -56,20 +79,49 @@ def check_mask(name: str, mask, shape) -> None:
         raise ValueError(f"{name} must be a bool mask, got dtype {jnp.result_type(mask)}")
 
 
-def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_perm(perm, c: int, name: str = "perm") -> None:
-    """``perm`` must be an integer array of length ``c``; checked for being a permutation when
-    concrete (outside ``jit``)."""
-    if jnp.ndim(perm) != 1 or jnp.shape(perm)[0] != c:
+def check_decay(decay) -> float:
+    """``decay`` is a static Python number, finite and >= 0."""
+    if isinstance(decay, jax.core.Tracer):
         raise ValueError(
-            f"{name} must be a 1-D permutation of the {c} output columns, got shape {jnp.shape(perm)}"
+            "decay must be a concrete Python float (it is a static argument), got a traced value"
         )
-    if not jnp.issubdtype(jnp.result_type(perm), jnp.integer):
-        raise ValueError(f"{name} must have an integer dtype, got {jnp.result_type(perm)}")
-    if is_concrete(perm):
-        p = np.asarray(perm)
-        if not np.array_equal(np.sort(p), np.arange(c)):
-            raise ValueError(f"{name} is not a permutation of range({c})")
+    try:
+        d = float(decay)
+    except (TypeError, ValueError):
+        raise ValueError(f"decay must be a Python float >= 0, got {decay!r}") from None
+    if not math.isfinite(d) or d < 0:
+        raise ValueError(f"decay must be finite and >= 0, got {decay!r}")
+    return d
+
+
+def check_perm(perm, c: int, name: str = "perm"):
+    """``perm`` must be an integer array of shape ``(c,)``, and a permutation of ``range(c)`` when
+    concrete. Returns it as an array (a Python list or tuple is converted)."""
+    if not isinstance(perm, (jax.Array, np.ndarray)):
+        try:
+            perm = np.asarray(perm)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be an integer array of shape ({c},)") from None
+    if perm.ndim != 1 or perm.shape[0] != c:
+        raise ValueError(
+            f"{name} must be a 1-D permutation of the {c} output columns, got shape {perm.shape}"
+        )
+    if not jnp.issubdtype(perm.dtype, jnp.integer):
+        raise ValueError(f"{name} must have an integer dtype, got {perm.dtype}")
+    if not isinstance(perm, jax.core.Tracer) and not np.array_equal(np.sort(np.asarray(perm)), np.arange(c)):
+        raise ValueError(f"{name} is not a permutation of range({c})")
+    return perm
+
+
+def safe_perm(perm, name: str = "perm"):
+    """In the graph: ``perm`` if it is a permutation of ``range(C)``, else the identity ``arange(C)``.
+
+    The fallback keeps every mask built from it valid (N:M after its permutation, a subset of the
+    forward mask). Under ``jax.experimental.checkify.checkify`` an invalid ``perm`` is reported as an
+    error instead (a ``checkify.debug_check``, a no-op otherwise). int32 ``(C,)``.
+    """
+    perm = jnp.asarray(perm, jnp.int32)
+    ident = jnp.arange(perm.shape[0], dtype=jnp.int32)
+    valid = jnp.all(jnp.sort(perm) == ident)
+    checkify.debug_check(valid, f"{name} is not a permutation of range({perm.shape[0]})")
+    return jnp.where(valid, perm, ident)

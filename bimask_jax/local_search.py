@@ -44,21 +44,17 @@ import numpy as np
 STRIPE_MAX_M = 6
 
 
-def group_counts(ft, perm, m: int):
-    """``(G, K)`` int32: forward-kept entries of every row in every group of ``m`` positions.
+def partition_score(ft, perm, n: int, m: int):
+    """The score of ``perm``: ``sum over groups g and rows k of min(cnt[g, k], n)``, int32 scalar.
 
     Args:
-      ft: ``(C, K)`` int8/bool, the transposed flattened forward mask.
+      ft: ``(C, K)`` int8/bool, the transposed ``(K, C)`` forward mask; ``C % m == 0``.
       perm: int ``(C,)``; position ``i`` holds column ``perm[i]``.
     """
     c, k = ft.shape
-    rows = jnp.take(ft, perm, axis=0).astype(jnp.int32)
-    return rows.reshape(c // m, m, k).sum(axis=1)
-
-
-def partition_score(ft, perm, n: int, m: int):
-    """``sum min(group_counts, n)`` as an int32 scalar (= ``permutation_score``)."""
-    return jnp.minimum(group_counts(ft, perm, m), n).sum(dtype=jnp.int32)
+    count_dtype = jnp.int8 if m < 128 else jnp.int32  # a group count is at most m
+    rows = jnp.take(ft.astype(jnp.int8), perm, axis=0).reshape(c // m, m, k)
+    return jnp.minimum(rows.sum(axis=1, dtype=count_dtype), n).sum(dtype=jnp.int32)
 
 
 def swap_gains(ft, perm, n: int, m: int):

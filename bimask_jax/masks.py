@@ -1,36 +1,53 @@
 """N:M masks of the Bi-Mask paper as pure array functions.
 
 Layout: a kernel is a Flax kernel. The last axis is the output axis ``C``; every other axis is
-reduction. A Dense kernel is ``(K, C)``; a conv kernel ``(*window, Cin, C)`` is read as the matrix
-``(prod(window) * Cin, C)`` (row-major flatten). Forward groups run along the input-channel axis
-(-2); when ``Cin % m == 0`` these are ``m`` consecutive rows of the flattened matrix.
+reduction. A Dense kernel is ``(K, C)``; a conv kernel ``(*window, Cin, C)`` is read as a matrix
+``(K, C)``, ``K = prod(window) * Cin``, in one of two orders (``k_order``):
+
+* ``"hwi"`` (default): row-major, ``(*window, Cin)``, Cin fastest. Forward groups are ``m``
+  consecutive input channels at one tap (axis -2, ``Cin % m == 0``), what an NHWC implicit-GEMM 2:4
+  kernel needs.
+* ``"ihw"``: the reference implementation's: the kernel read in PyTorch's ``(C, Cin, *window)``
+  order. Forward groups are ``m`` consecutive entries of that whole flattened array (a window
+  position fastest), so when ``K % m != 0`` (a 3-channel stem, K = 27) groups straddle two output
+  channels; backward groups are ``m`` consecutive entries of the row-major flattened
+  ``(K, C)`` matrix (rows in ``(Cin, *window)`` order) after its columns are permuted, straddling
+  two rows when ``C % m != 0``. Needs only ``K * C % m == 0``.
+
+For a Dense kernel and a 1x1 conv the two orders give the same masks.
 
 Ranking rule used by every mask here: larger ``|w|`` wins, ties go to the lower index, and NaN ranks
-as ``+inf`` (above every finite value). So a NaN weight is always kept by the forward mask and
-propagates into the layer output -- a corrupted kernel gives NaN activations and a NaN loss, never a
-plausible-looking mask that hides it.
+as ``+inf`` (above every finite value; so a NaN weight is kept by the forward mask and propagates
+into the layer output, never hidden behind a plausible-looking mask); ``-0.0`` and ``0.0`` tie.
+
+Every public function validates its arguments in Python, then calls a ``jax.jit``-compiled body with
+the N:M ratio and options as static arguments: an eager call with the same shapes reuses the
+compiled body (under an outer ``jit`` the body is inlined).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bimask_jax import cpu_masks
 from bimask_jax._checks import (
+    K_ORDERS,
+    as_array,
+    check_choice,
     check_divisible,
     check_kernel,
     check_mask,
     check_nm,
     check_perm,
+    safe_perm,
 )
 
 METHODS = ("dense", "srste", "transposable", "bimask")
-IMPLS = ("auto", "xla", "cpu_kernel")
 
 # Group sizes up to this use pairwise comparisons (O(m^2), no sort); larger groups use argsort.
 _PAIRWISE_MAX_M = 16
@@ -71,6 +88,15 @@ def _topn_along(key, n: int, axis: int):
     return rank < n
 
 
+def _group_topn(x, n: int, m: int, axis: int):
+    """``nm_mask`` of a checked ``x`` (``axis`` non-negative)."""
+    g = x.reshape(*x.shape[:axis], x.shape[axis] // m, m, *x.shape[axis + 1 :])
+    return _topn_along(_magnitude(g), n, axis + 1).reshape(x.shape)
+
+
+_nm_mask = jax.jit(_group_topn, static_argnames=("n", "m", "axis"))
+
+
 def nm_mask(x, n: int, m: int, axis: int = -1):
     """Keeps the ``n`` largest ``|x|`` in every group of ``m`` consecutive entries along ``axis``.
 
@@ -84,7 +110,7 @@ def nm_mask(x, n: int, m: int, axis: int = -1):
       as ``+inf``. Deterministic.
     """
     n, m = check_nm(n, m)
-    x = jnp.asarray(x)
+    x = as_array(x)
     if x.ndim == 0:
         raise ValueError("x must have at least 1 axis, got a scalar")
     if not -x.ndim <= axis < x.ndim:
@@ -92,38 +118,88 @@ def nm_mask(x, n: int, m: int, axis: int = -1):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must have a floating dtype, got {x.dtype}")
     check_divisible(x.shape[axis], m, f"x axis {axis}")
-    axis = axis % x.ndim
-    g = x.reshape(*x.shape[:axis], x.shape[axis] // m, m, *x.shape[axis + 1 :])
-    return _topn_along(_magnitude(g), n, axis + 1).reshape(x.shape)
+    return _nm_mask(x, n=n, m=m, axis=axis % x.ndim)
 
 
-def _check_layer_kernel(kernel, m: int, *, need_output: bool):
+def _check_layer_kernel(kernel, m: int, k_order: str, *, need_output: bool):
+    """Shape rules of a kernel read as a matrix with ``k_order`` (see the module docstring)."""
     check_kernel(kernel)
-    check_divisible(kernel.shape[-2], m, "kernel input axis (-2)")
-    if need_output:
-        check_divisible(kernel.shape[-1], m, "kernel output axis (-1)")
+    check_choice("k_order", k_order, K_ORDERS)
+    shape = jnp.shape(kernel)
+    if k_order == "hwi":
+        check_divisible(shape[-2], m, "kernel input axis (-2)")
+        if need_output:
+            check_divisible(shape[-1], m, "kernel output axis (-1)")
+    elif math.prod(shape) % m:
+        raise ValueError(
+            f"kernel of shape {shape} has {math.prod(shape)} entries, not divisible by m={m} "
+            "(k_order='ihw' groups m consecutive entries of the whole flattened kernel)"
+        )
 
 
-def forward_mask(kernel, n: int, m: int):
-    """Forward mask Mf: N:M along the input-channel axis (-2) of ``kernel``.
+def _as_matrix(kernel, k_order: str):
+    """The ``(K, C)`` matrix of a kernel, rows in ``k_order`` (see the module docstring)."""
+    if k_order == "ihw":
+        kernel = jnp.moveaxis(kernel, -2, 0)
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def _from_matrix(mat, shape, k_order: str):
+    """Inverse of :func:`_as_matrix` for a kernel of ``shape``."""
+    if k_order == "ihw":
+        return jnp.moveaxis(mat.reshape(shape[-2], *shape[:-2], shape[-1]), 0, -2)
+    return mat.reshape(shape)
+
+
+def _forward(kernel, n: int, m: int, k_order: str):
+    if k_order == "hwi":
+        return _group_topn(kernel, n, m, kernel.ndim - 2)
+    mat = _as_matrix(kernel, k_order)  # (K, C); groups run over the flattened (C, K)
+    keep = _topn_along(_magnitude(mat.T.reshape(-1, m)), n, 1).reshape(mat.T.shape).T
+    return _from_matrix(keep, kernel.shape, k_order)
+
+
+_forward_jit = jax.jit(_forward, static_argnames=("n", "m", "k_order"))
+
+
+def forward_mask(kernel, n: int, m: int, *, k_order: str = "hwi"):
+    """Forward mask Mf: the ``n`` largest ``|w|`` of every forward group of ``m`` entries.
 
     Args:
-      kernel: floating ``(K, C)`` or ``(*window, Cin, C)``; ``Cin % m == 0``.
+      kernel: floating ``(K, C)`` or ``(*window, Cin, C)``; ``"hwi"``: ``Cin % m == 0`` (groups along
+        axis -2); ``"ihw"``: ``kernel.size % m == 0`` (the reference's groups, module docstring).
+      k_order: ``"hwi"`` (default) or ``"ihw"``.
 
     Returns:
-      bool mask of ``kernel.shape``; ``x @ (kernel * Mf)`` is N:M along its reduction axis.
+      bool mask of ``kernel.shape``. With ``"hwi"``, ``x @ (kernel * Mf)`` is N:M along its
+      reduction axis.
     """
     n, m = check_nm(n, m)
-    kernel = jnp.asarray(kernel)
-    _check_layer_kernel(kernel, m, need_output=False)
-    return nm_mask(kernel, n, m, axis=-2)
+    kernel = as_array(kernel)
+    _check_layer_kernel(kernel, m, k_order, need_output=False)
+    return _forward_jit(kernel, n=n, m=m, k_order=k_order)
+
+
+def _inverse(perm):
+    c = perm.shape[0]
+    return jnp.zeros((c,), jnp.int32).at[perm].set(jnp.arange(c, dtype=jnp.int32))
+
+
+@jax.jit
+def _inverse_jit(perm):
+    return _inverse(safe_perm(perm))
 
 
 def inverse_permutation(perm):
-    """``inv`` with ``inv[perm[i]] = i``; int32 ``(C,)``. Pure, O(C)."""
-    perm = jnp.asarray(perm)
-    c = perm.shape[0]
-    return jnp.zeros((c,), jnp.int32).at[perm].set(jnp.arange(c, dtype=jnp.int32))
+    """``inv`` with ``inv[perm[i]] = i``; int32 ``(C,)``. Pure, O(C).
+
+    ``perm``: integer ``(C,)``, a permutation of ``range(C)`` (``ValueError`` when concrete and not
+    one; traced, an invalid ``perm`` is replaced by the identity, see ``backward_mask``).
+    """
+    shape = np.shape(perm)
+    if len(shape) != 1:
+        raise ValueError(f"perm must be 1-D, got shape {shape}")
+    return _inverse_jit(check_perm(perm, shape[0]))
 
 
 def _take_columns(a, idx):
@@ -136,7 +212,7 @@ def _materialize(x, token):
 
     XLA:CPU fuses a column gather into the loop that consumes it and then redoes the gather for
     every read; the ranking reads each gathered entry m times, and the result is gathered again,
-    which made the backward mask ~3x slower than gather + rank + gather as separate loops
+    which makes the backward mask ~3x slower than gather + rank + gather as separate loops
     (``benchmarks/masks.py``). Optimization barriers are stripped before fusion on CPU, so the
     value is routed through a ``while_loop`` whose trip count ``token`` is 0 for valid input but
     unknown to the compiler. On other platforms this is the identity (a GPU while loop would sync
@@ -153,50 +229,84 @@ def _materialize(x, token):
     return jax.lax.platform_dependent(x, token, cpu=through_loop, default=lambda x, _: x)
 
 
-def _backward_mask_2d(w2, f2, perm, n: int, m: int):
+def _backward_rows(w2, f2, perm, n: int, m: int):
+    """Backward mask of the ``(K, C)`` matrix for ``C % m == 0`` (groups within rows)."""
     k, c = w2.shape
     g = c // m
     # Gather the columns so that member j of permuted group q lands at column j * g + q: the m
     # members of every group are then m slabs of shape (k, g), ranked element-wise (no minor-axis
     # shuffles), and one inverse gather maps the result back.
     order = perm.reshape(g, m).T.reshape(c)
-    token = (perm[0] < 0).astype(jnp.int32)  # 0 for a valid permutation; opaque to XLA
-    # Rank key: forward-kept entries by |w| (NaN as +inf); forward-dropped entries below all of them.
-    key = jax.lax.stop_gradient(jnp.where(f2, _magnitude(w2), -1.0))
-    key = _materialize(_take_columns(key, order), token).reshape(k, m, g)
+    token = (perm[0] < 0).astype(jnp.int32)  # 0 for a permutation; opaque to XLA
+    key = _take_columns(_backward_key(w2, f2), order)
+    key = _materialize(key, token).reshape(k, m, g)
     keep = (_topn_along(key, n, axis=1) & (key >= 0)).reshape(k, c)
-    return _take_columns(_materialize(keep, token), inverse_permutation(order))
+    return _take_columns(_materialize(keep, token), _inverse(order))
 
 
-def backward_mask(kernel, fwd, perm, n: int, m: int):
+def _backward_flat(w2, f2, perm, n: int, m: int):
+    """Backward mask of the ``(K, C)`` matrix with groups of ``m`` consecutive entries of the
+    row-major flattened column-permuted matrix (they straddle rows when ``C % m != 0``)."""
+    key = _take_columns(_backward_key(w2, f2), perm)
+    keep = _topn_along(key.reshape(-1, m), n, 1).reshape(key.shape) & (key >= 0)
+    return _take_columns(keep, _inverse(perm))
+
+
+def _backward_key(w2, f2):
+    """Rank key: forward-kept entries by |w| (NaN as +inf); forward-dropped ones below all of them."""
+    return jax.lax.stop_gradient(jnp.where(f2, _magnitude(w2), -1.0))
+
+
+def _backward(kernel, fwd, perm, n: int, m: int, k_order: str):
+    c = kernel.shape[-1]
+    perm = jnp.arange(c, dtype=jnp.int32) if perm is None else safe_perm(perm)
+    if c % m == 0:  # groups within rows: the row order (k_order) does not matter
+        return _backward_rows(kernel.reshape(-1, c), fwd.reshape(-1, c), perm, n, m).reshape(
+            kernel.shape
+        )
+    w2, f2 = _as_matrix(kernel, k_order), _as_matrix(fwd, k_order)
+    return _from_matrix(_backward_flat(w2, f2, perm, n, m), kernel.shape, k_order)
+
+
+_backward_jit = jax.jit(_backward, static_argnames=("n", "m", "k_order"))
+
+
+def backward_mask(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi"):
     """Backward mask Mb of Bi-Mask.
 
-    Permutes the output columns of the flattened kernel ``(K, C)`` by ``perm``, keeps in every row the
-    ``n`` largest ``|kernel * fwd|`` of every ``m`` consecutive permuted columns, ANDs with ``fwd``
-    and maps back to the original column order. Hence ``(kernel * Mb)[:, perm]`` is N:M along C, so
-    ``g @ (kernel * Mb).T`` is an N:M product once ``g``'s columns are permuted.
+    Permutes the output columns of the ``(K, C)`` matrix of ``kernel`` by ``perm``, keeps the ``n``
+    largest ``|kernel * fwd|`` of every backward group of ``m`` entries (``m`` consecutive permuted
+    columns of a row; with ``k_order="ihw"`` and ``C % m != 0``, ``m`` consecutive entries of the
+    row-major flattened permuted matrix), ANDs with ``fwd`` and maps back to the original column
+    order. Hence ``(kernel * Mb)[..., perm]`` is N:M along C, so ``g @ (kernel * Mb).T`` is an N:M
+    product once ``g``'s columns are permuted.
 
     Ties: forward-kept entries rank above forward-dropped ones (so a kept weight of exactly 0 is not
     displaced by a dropped one), then the lower permuted index wins. With this rule the number of
-    True entries is exactly ``sum over rows and groups of min(forward-kept in group, n)``.
+    True entries is exactly ``sum over groups of min(forward-kept in group, n)``.
+
+    Invalid permutations: a concrete ``perm`` that is not a permutation of ``range(C)`` raises
+    ``ValueError``. Under ``jit`` (a traced ``perm``) it cannot be checked in Python: the mask is then
+    computed with the identity permutation instead, so the result is still a valid backward mask
+    (N:M after its permutation, a subset of ``fwd``); wrap the call in
+    ``jax.experimental.checkify.checkify`` to get an error for it instead.
 
     Args:
-      kernel: floating ``(K, C)`` or ``(*window, Cin, C)``, ``Cin % m == 0`` and ``C % m == 0``.
+      kernel: floating ``(K, C)`` or ``(*window, Cin, C)``; ``"hwi"``: ``Cin % m == 0`` and
+        ``C % m == 0``; ``"ihw"``: ``kernel.size % m == 0``.
       fwd: bool, ``kernel.shape`` (the forward mask).
-      perm: integer ``(C,)``, a permutation of ``range(C)``.
+      perm: integer ``(C,)`` (array, list or tuple), a permutation of ``range(C)``.
+      k_order: ``"hwi"`` (default) or ``"ihw"``; only matters when ``C % m != 0``.
 
     Returns:
       bool mask of ``kernel.shape``, a subset of ``fwd``.
     """
     n, m = check_nm(n, m)
-    kernel = jnp.asarray(kernel)
-    _check_layer_kernel(kernel, m, need_output=True)
+    kernel = as_array(kernel)
+    _check_layer_kernel(kernel, m, k_order, need_output=True)
     check_mask("fwd", fwd, kernel.shape)
-    c = kernel.shape[-1]
-    check_perm(perm, c)
-    w2 = kernel.reshape(-1, c)
-    f2 = jnp.asarray(fwd).reshape(-1, c)
-    return _backward_mask_2d(w2, f2, jnp.asarray(perm), n, m).reshape(kernel.shape)
+    perm = check_perm(perm, kernel.shape[-1])
+    return _backward_jit(kernel, fwd, perm, n=n, m=m, k_order=k_order)
 
 
 @functools.cache
@@ -246,12 +356,40 @@ def _transposable_greedy(blocks, n: int, m: int):
     return keep.reshape(blocks.shape)
 
 
-def transposable_mask(kernel, n: int, m: int):
+def _transposable(kernel, n: int, m: int, k_order: str):
+    mat = _magnitude(_as_matrix(kernel, k_order))
+    k, c = mat.shape
+    blocks = mat.reshape(k // m, m, c // m, m).transpose(0, 2, 1, 3).reshape(-1, m, m)
+    # +inf (from NaN/inf weights) would make pattern scores inf-inf; clip to the dtype's max.
+    blocks = jnp.minimum(blocks, jnp.finfo(jnp.float32).max / (m * m))
+    if m <= 4:
+        keep = _transposable_exact(blocks, n, m)
+    else:
+        keep = _transposable_greedy(blocks, n, m)
+    keep = keep.reshape(k // m, c // m, m, m).transpose(0, 2, 1, 3).reshape(k, c)
+    return _from_matrix(keep, kernel.shape, k_order)
+
+
+_transposable_jit = jax.jit(_transposable, static_argnames=("n", "m", "k_order"))
+
+
+def _check_transposable(kernel, m: int, k_order: str):
+    check_kernel(kernel)
+    check_choice("k_order", k_order, K_ORDERS)
+    shape = jnp.shape(kernel)
+    if k_order == "hwi":
+        check_divisible(shape[-2], m, "kernel input axis (-2)")
+    else:
+        check_divisible(math.prod(shape[:-1]), m, "kernel reduction size K")
+    check_divisible(shape[-1], m, "kernel output axis (-1)")
+
+
+def transposable_mask(kernel, n: int, m: int, *, k_order: str = "hwi"):
     """A single mask that is N:M along both the reduction axis and the output axis.
 
-    The flattened kernel ``(K, C)`` is cut into ``m x m`` blocks (``m`` consecutive rows by ``m``
-    consecutive columns); each block independently gets the pattern with at most ``n`` kept entries
-    in every row and column that keeps the largest sum of ``|w|``.
+    The ``(K, C)`` matrix of the kernel (rows in ``k_order``) is cut into ``m x m`` blocks (``m``
+    consecutive rows by ``m`` consecutive columns); each block independently gets the pattern with
+    at most ``n`` kept entries in every row and column that keeps the largest sum of ``|w|``.
 
     * ``m <= 4``: exact. Every pattern with exactly ``n`` per row and column (90 for 2:4, 24 for 1:4)
       is scored at once with one matmul; ties take the first pattern in enumeration order.
@@ -261,89 +399,59 @@ def transposable_mask(kernel, n: int, m: int):
       still N:M on both axes) but may keep fewer than ``n`` in some rows.
 
     Args:
-      kernel: floating ``(K, C)`` or ``(*window, Cin, C)``, ``Cin % m == 0`` and ``C % m == 0``.
+      kernel: floating ``(K, C)`` or ``(*window, Cin, C)``, ``C % m == 0`` and (``"hwi"``)
+        ``Cin % m == 0`` or (``"ihw"``) ``K % m == 0``.
+      k_order: ``"hwi"`` (default) or ``"ihw"``.
 
     Returns:
       bool mask of ``kernel.shape``.
     """
     n, m = check_nm(n, m)
-    kernel = jnp.asarray(kernel)
-    _check_layer_kernel(kernel, m, need_output=True)
-    c = kernel.shape[-1]
-    w2 = _magnitude(kernel.reshape(-1, c))
-    k = w2.shape[0]
-    blocks = w2.reshape(k // m, m, c // m, m).transpose(0, 2, 1, 3).reshape(-1, m, m)
-    # +inf (from NaN/inf weights) would make pattern scores inf-inf; clip to the dtype's max.
-    blocks = jnp.minimum(blocks, jnp.finfo(jnp.float32).max / (m * m))
-    if m <= 4:
-        keep = _transposable_exact(blocks, n, m)
-    else:
-        keep = _transposable_greedy(blocks, n, m)
-    keep = keep.reshape(k // m, c // m, m, m).transpose(0, 2, 1, 3).reshape(kernel.shape)
-    return keep
+    kernel = as_array(kernel)
+    _check_transposable(kernel, m, k_order)
+    return _transposable_jit(kernel, n=n, m=m, k_order=k_order)
 
 
-def _use_cpu_kernel(impl: str, kernel, m: int) -> bool:
-    """Whether ``layer_masks`` computes a forward/backward mask with :mod:`bimask_jax.cpu_masks`
-    (for ``impl="cpu_kernel"`` always: :mod:`bimask_jax.cpu_masks` says why it cannot)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl == "cpu_kernel"
-    return (
-        cpu_masks.supports(m, kernel.dtype)
-        and jax.default_backend() == "cpu"
-        and cpu_masks.available()
-    )
+@functools.partial(jax.jit, static_argnames=("n", "m", "method", "k_order"))
+def _layer_masks_jit(kernel, perm, n: int, m: int, method: str, k_order: str):
+    fwd = _forward(kernel, n, m, k_order)
+    if method == "srste":
+        return fwd, fwd
+    return fwd, _backward(kernel, fwd, perm, n, m, k_order)
 
 
-def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, impl: str = "auto"):
+def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, k_order: str = "hwi"):
     """The ``(fwd, bwd)`` mask pair that a sparse layer uses for its forward and backward-data products.
 
     Args:
-      kernel: floating ``(K, C)`` or ``(*window, Cin, C)``.
+      kernel: floating ``(K, C)`` or ``(*window, Cin, C)`` (shape rules: the masks of ``method``).
       method: one of
         * ``"dense"``: all-True masks (no sparsity; any shape).
         * ``"srste"``: ``(Mf, Mf)``; the backward product uses the forward pattern, which is not N:M
           along C, so it gets no sparse speed-up.
         * ``"transposable"``: ``(T, T)`` with ``T = transposable_mask`` (N:M along both axes).
         * ``"bimask"``: ``(Mf, backward_mask(kernel, Mf, perm))``.
-      perm: int ``(C,)`` for ``"bimask"``; ``None`` means the identity permutation.
-      impl: how ``"srste"`` and ``"bimask"`` masks are computed; the result is the same bit for bit.
-        * ``"auto"`` (default): the CPU kernel of :mod:`bimask_jax.cpu_masks` when JAX's default
-          backend is the CPU, the kernel is available (built on first use) and supports ``m`` (a
-          divisor of 16) and the dtype (float32/bfloat16/float16); otherwise ``"xla"``.
-        * ``"xla"``: plain XLA ops (any platform).
-        * ``"cpu_kernel"``: the CPU kernel, or an error saying why it cannot be used.
+      perm: int ``(C,)`` for ``"bimask"`` (as in ``backward_mask``, including its safe fallback under
+        ``jit``); ``None`` means the identity permutation.
+      k_order: ``"hwi"`` (default) or ``"ihw"``: how a conv kernel is read (module docstring).
 
     Returns:
       ``(fwd, bwd)``, bool arrays of ``kernel.shape``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    kernel = jnp.asarray(kernel)
+    check_choice("method", method, METHODS)
+    kernel = as_array(kernel)
     if method == "dense":
         check_kernel(kernel)
+        check_choice("k_order", k_order, K_ORDERS)
         ones = jnp.ones(kernel.shape, bool)
         return ones, ones
     if method == "transposable":
-        t = transposable_mask(kernel, n, m)
+        t = transposable_mask(kernel, n, m, k_order=k_order)
         return t, t
     n, m = check_nm(n, m)
-    if _use_cpu_kernel(impl, kernel, m):
-        _check_layer_kernel(kernel, m, need_output=method == "bimask")
-        w2 = kernel.reshape(-1, kernel.shape[-1])
-        if method == "srste":
-            fwd = cpu_masks.forward_mask_2d(w2, n, m).reshape(kernel.shape)
-            return fwd, fwd
-        if perm is None:
-            perm = jnp.arange(w2.shape[1], dtype=jnp.int32)
-        check_perm(perm, w2.shape[1])
-        fwd, bwd = cpu_masks.fused_masks(w2, perm, n, m)
-        return fwd.reshape(kernel.shape), bwd.reshape(kernel.shape)
-    fwd = forward_mask(kernel, n, m)
+    _check_layer_kernel(kernel, m, k_order, need_output=method == "bimask")
     if method == "srste":
-        return fwd, fwd
-    if perm is None:
-        perm = jnp.arange(kernel.shape[-1], dtype=jnp.int32)
-    return fwd, backward_mask(kernel, fwd, perm, n, m)
+        perm = None
+    elif perm is not None:
+        perm = check_perm(perm, kernel.shape[-1])
+    return _layer_masks_jit(kernel, perm, n=n, m=m, method=method, k_order=k_order)

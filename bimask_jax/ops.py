@@ -18,40 +18,20 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from bimask_jax._checks import check_floating, check_mask, check_perm
+from bimask_jax import pallas_backend
+from bimask_jax._checks import (
+    as_array,
+    check_choice,
+    check_decay,
+    check_floating,
+    check_mask,
+    check_perm,
+)
+from bimask_jax.masked_products import dense_weight_grad, masked_kernel, srste_term
 
 BACKENDS = ("xla", "pallas")
-
-
-def _check_backend(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def masked_kernel(kernel, mask, dtype):
-    """``kernel * mask`` cast to ``dtype`` (a select: a NaN in a dropped entry does not leak)."""
-    return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)).astype(dtype)
-
-
-def _srste_term(kernel, fwd, decay):
-    return decay * jnp.where(fwd, jnp.zeros((), kernel.dtype), kernel)
-
-
-def dense_weight_grad(x, kernel, fwd, g, decay, precision=None):
-    """``x^T g + decay * (1 - fwd) * kernel`` over all batch axes of ``x (..., K)``, ``g (..., C)``;
-    in ``kernel.dtype``. Shared by every backend of :func:`sparse_dense`.
-
-    ``x^T g`` is taken as the transpose of ``x @ w`` in ``w`` (``jax.vjp`` carries the arguments'
-    sharding types: with a batch-sharded ``x`` the contraction is a cross-device sum).
-    """
-    dtype = g.dtype
-    _, vjp_w = jax.vjp(
-        lambda w_: jnp.matmul(x.astype(dtype), w_, precision=precision), kernel.astype(dtype)
-    )
-    (dw,) = vjp_w(g)
-    dw = dw.astype(jnp.float32) + _srste_term(kernel, fwd, decay).astype(jnp.float32)
-    return dw.astype(kernel.dtype)
 
 
 # ----------------------------------------------------------------------------------------- dense
@@ -88,9 +68,10 @@ def sparse_dense(
       kernel: floating ``(K, C)``.
       fwd: bool ``(K, C)``, the forward mask.
       bwd: bool ``(K, C)``, the mask of the backward-data product ``dx = g @ (kernel * bwd)^T``.
-      decay: the SR-STE coefficient lambda of ``decay * (1 - fwd) * kernel`` added to ``dkernel``.
+      decay: the SR-STE coefficient lambda of ``decay * (1 - fwd) * kernel`` added to ``dkernel``:
+        a concrete Python number, finite and >= 0 (a static argument; a traced value is refused).
       perm: optional int ``(C,)``, the permutation under which ``bwd^T`` is N:M along C. Unused by
-        the ``"xla"`` backend (checked for shape when given).
+        the ``"xla"`` backend (checked when given, as in ``backward_mask``).
       precision: passed to the matmuls.
       backend: ``"xla"``, or ``"pallas"``: the forward and backward-data products run the 2:4
         kernels of ``pallas_kernels`` when ``fwd`` is 2:4 along K and ``bwd[:, perm]`` is 2:4 along
@@ -100,8 +81,9 @@ def sparse_dense(
       ``(..., C)`` in ``result_type(x, kernel)``. Gradients: ``dx`` in ``x.dtype``, ``dkernel`` in
       ``kernel.dtype`` (accumulated in fp32), none for the masks.
     """
-    _check_backend(backend)
-    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    check_choice("backend", backend, BACKENDS)
+    decay = check_decay(decay)
+    x, kernel = as_array(x), as_array(kernel)
     check_floating("x", x)
     check_floating("kernel", kernel)
     if kernel.ndim != 2:
@@ -110,15 +92,20 @@ def sparse_dense(
         raise ValueError(
             f"x's last axis ({x.shape[-1] if x.ndim else None}) must equal kernel's K={kernel.shape[0]}"
         )
+    if 0 in kernel.shape:
+        raise ValueError(f"kernel must not have an axis of size 0, got shape {kernel.shape}")
     check_mask("fwd", fwd, kernel.shape)
     check_mask("bwd", bwd, kernel.shape)
     if perm is not None:
-        check_perm(perm, kernel.shape[1])
-    if backend == "pallas":
-        from bimask_jax import pallas_backend
+        perm = check_perm(perm, kernel.shape[1])
+    return _sparse_dense_jit(x, kernel, fwd, bwd, perm, decay, precision, backend)
 
-        return pallas_backend.sparse_dense(x, kernel, fwd, bwd, float(decay), perm, precision)
-    return _sparse_dense(x, kernel, fwd, bwd, float(decay), precision)
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _sparse_dense_jit(x, kernel, fwd, bwd, perm, decay, precision, backend):
+    if backend == "pallas":
+        return pallas_backend.sparse_dense(x, kernel, fwd, bwd, decay, perm, precision)
+    return _sparse_dense(x, kernel, fwd, bwd, decay, precision)
 
 
 # ------------------------------------------------------------------------------------------ conv
@@ -166,20 +153,22 @@ def _sparse_conv_bwd(decay, cfg, res, g):
     _, vjp_w = jax.vjp(lambda w_: _conv(x.astype(dtype), w_, *cfg), kernel.astype(dtype))
     (dx,) = vjp_x(g)
     (dw,) = vjp_w(g)
-    dw = dw.astype(jnp.float32) + _srste_term(kernel, fwd, decay).astype(jnp.float32)
+    dw = dw.astype(jnp.float32) + srste_term(kernel, fwd, decay)
     return dx.astype(x.dtype), dw.astype(kernel.dtype), None, None
 
 
 _sparse_conv.defvjp(_sparse_conv_fwd, _sparse_conv_bwd)
 
 
-def _tuple(name, v, nsp):
-    if isinstance(v, int):
-        return (v,) * nsp
-    v = tuple(int(i) for i in v)
-    if len(v) != nsp:
-        raise ValueError(f"{name} must be an int or a sequence of {nsp} ints, got {v}")
-    return v
+def _positive_ints(name, v, nsp):
+    """``v`` (an int or ``nsp`` ints, each >= 1) as a tuple of ``nsp`` Python ints."""
+    try:
+        t = (int(v),) * nsp if isinstance(v, (int, np.integer)) else tuple(int(i) for i in v)
+    except TypeError:
+        t = ()
+    if len(t) != nsp or any(i < 1 for i in t):
+        raise ValueError(f"{name} must be an int >= 1 or a sequence of {nsp} such ints, got {v!r}")
+    return t
 
 
 def sparse_conv(
@@ -210,16 +199,18 @@ def sparse_conv(
       x: floating ``(N, *spatial, Cin)``.
       kernel: floating ``(*window, Cin, C)``.
       fwd, bwd: bool masks of ``kernel.shape``.
-      decay: SR-STE coefficient.
+      decay: SR-STE coefficient (as in :func:`sparse_dense`: a Python number, finite, >= 0).
       strides, padding, lhs_dilation (input dilation), rhs_dilation (kernel dilation): as in
-        ``jax.lax.conv_general_dilated``; padding is ``"SAME"``, ``"VALID"`` or per-axis pairs.
-      perm: optional int ``(C,)`` (for kernels backends; checked for shape when given).
+        ``jax.lax.conv_general_dilated``; strides and dilations are ints >= 1; padding is
+        ``"SAME"``, ``"VALID"`` or per-axis pairs.
+      perm: optional int ``(C,)`` (for the ``"pallas"`` backend; checked when given).
       backend: ``"xla"``, or ``"pallas"``: a 1x1 conv without padding or input dilation runs as
         ``sparse_dense(backend="pallas")`` on the stride-subsampled input (2:4 kernels where the
         masks allow); any other conv uses the XLA path. See ``bimask_jax.pallas_backend``.
     """
-    _check_backend(backend)
-    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    check_choice("backend", backend, BACKENDS)
+    decay = check_decay(decay)
+    x, kernel = as_array(x), as_array(kernel)
     check_floating("x", x)
     check_floating("kernel", kernel)
     if kernel.ndim < 3:
@@ -235,10 +226,12 @@ def sparse_conv(
         raise ValueError(
             f"x's channel axis ({x.shape[-1]}) must equal kernel's Cin={kernel.shape[-2]}"
         )
+    if 0 in kernel.shape:
+        raise ValueError(f"kernel must not have an axis of size 0, got shape {kernel.shape}")
     check_mask("fwd", fwd, kernel.shape)
     check_mask("bwd", bwd, kernel.shape)
     if perm is not None:
-        check_perm(perm, kernel.shape[-1])
+        perm = check_perm(perm, kernel.shape[-1])
     nsp = kernel.ndim - 2
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
@@ -251,15 +244,17 @@ def sparse_conv(
         if len(pad) != nsp:
             raise ValueError(f"padding must have {nsp} (low, high) pairs, got {padding}")
     cfg = (
-        _tuple("strides", strides, nsp),
+        _positive_ints("strides", strides, nsp),
         pad,
-        _tuple("lhs_dilation", lhs_dilation, nsp),
-        _tuple("rhs_dilation", rhs_dilation, nsp),
+        _positive_ints("lhs_dilation", lhs_dilation, nsp),
+        _positive_ints("rhs_dilation", rhs_dilation, nsp),
         precision,
     )
-    if backend == "pallas":
-        from bimask_jax import pallas_backend
+    return _sparse_conv_jit(x, kernel, fwd, bwd, perm, decay, cfg, backend)
 
-        if pallas_backend.conv_is_matmul(kernel.shape, cfg):
-            return pallas_backend.sparse_conv_1x1(x, kernel, fwd, bwd, float(decay), cfg, perm)
-    return _sparse_conv(x, kernel, fwd, bwd, float(decay), cfg)
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _sparse_conv_jit(x, kernel, fwd, bwd, perm, decay, cfg, backend):
+    if backend == "pallas" and pallas_backend.conv_is_matmul(kernel.shape, cfg):
+        return pallas_backend.sparse_conv_1x1(x, kernel, fwd, bwd, decay, cfg, perm)
+    return _sparse_conv(x, kernel, fwd, bwd, decay, cfg)

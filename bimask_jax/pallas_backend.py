@@ -11,8 +11,7 @@ The kernels sit inside the ``custom_vjp`` (``jax.grad`` cannot differentiate a `
 The ops do not know n:m, so each product checks its own mask: the forward product uses the kernel
 when ``Mf`` is 2:4 along K, the backward-data product when ``Mb[:, perm]`` is 2:4 along C
 (at most 2 True in every group of 4). Otherwise that product falls back to the dense XLA product
-(e.g. the all-True masks of ``method="dense"``). With concrete masks the choice is made in Python;
-under ``jit`` it is a ``lax.cond`` on a count over the mask.
+(e.g. the all-True masks of ``method="dense"``): a ``lax.cond`` on a count over the mask.
 
 ``precision`` goes to the kernels' dots (they always accumulate in fp32; on GPU with fp32 inputs the
 default lets Triton use TF32, as XLA does). On CPU the kernels run in Pallas interpret mode.
@@ -26,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bimask_jax._checks import is_concrete
-from bimask_jax.ops import dense_weight_grad
-from bimask_jax.ops import masked_kernel as _masked
+from bimask_jax._checks import safe_perm
+from bimask_jax.masked_products import dense_weight_grad
+from bimask_jax.masked_products import masked_kernel as _masked
 
 
 def is_24(mask, axis: int) -> jax.Array:
@@ -45,12 +44,6 @@ def is_24(mask, axis: int) -> jax.Array:
     return jnp.all(counts <= 2)
 
 
-def _choose(ok, kernel_fn, xla_fn, *args):
-    if is_concrete(ok):
-        return kernel_fn(*args) if bool(ok) else xla_fn(*args)
-    return lax.cond(ok, kernel_fn, xla_fn, *args)
-
-
 def forward_product(x, kernel, fwd, *, precision=None):
     """``x @ (kernel * fwd)`` in ``result_type(x, kernel)``; (..., K) x (K, C) -> (..., C)."""
     import pallas_kernels as pk
@@ -64,7 +57,7 @@ def forward_product(x, kernel, fwd, *, precision=None):
     def with_xla(x, kernel, fwd):
         return jnp.matmul(x.astype(dtype), _masked(kernel, fwd, dtype), precision=precision)
 
-    return _choose(is_24(fwd, 0), with_kernel, with_xla, x, kernel, fwd)
+    return lax.cond(is_24(fwd, 0), with_kernel, with_xla, x, kernel, fwd)
 
 
 def backward_data_product(g, kernel, bwd, perm, *, precision=None):
@@ -85,7 +78,7 @@ def backward_data_product(g, kernel, bwd, perm, *, precision=None):
         del perm
         return jnp.matmul(g, _masked(kernel, bwd, dtype).T, precision=precision)
 
-    return _choose(is_24(bwd[:, perm], 1), with_kernel, with_xla, g, kernel, bwd, perm)
+    return lax.cond(is_24(bwd[:, perm], 1), with_kernel, with_xla, g, kernel, bwd, perm)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -111,11 +104,12 @@ _sparse_dense.defvjp(_sparse_dense_fwd, _sparse_dense_bwd)
 def sparse_dense(x, kernel, fwd, bwd, decay: float, perm=None, precision=None):
     """The ``backend="pallas"`` body of ``bimask_jax.ops.sparse_dense`` (inputs already checked).
 
-    ``perm=None`` means the identity permutation.
+    ``perm=None`` means the identity permutation; an invalid traced ``perm`` is replaced by it
+    (``_checks.safe_perm``), so the kernels never read outside the kernel's columns.
     """
     c = kernel.shape[1]
-    perm = jnp.arange(c, dtype=jnp.int32) if perm is None else jnp.asarray(perm, jnp.int32)
-    return _sparse_dense(x, kernel, fwd, bwd, perm, float(decay), precision)
+    perm = jnp.arange(c, dtype=jnp.int32) if perm is None else safe_perm(perm)
+    return _sparse_dense(x, kernel, fwd, bwd, perm, decay, precision)
 
 
 def conv_is_matmul(kernel_shape, cfg) -> bool:

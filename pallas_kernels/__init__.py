@@ -1,7 +1,7 @@
 """2:4 sparse Pallas kernels: compressed format, sparse matmuls, re-sparsify.
 
-Knows nothing of Flax or of Bi-Mask's permutation search. Imports with CPU-only jax and without
-jax-triton; on CPU every kernel runs in Pallas interpret mode.
+Knows nothing of Flax or of Bi-Mask's permutation search. Needs only jax (its Pallas Triton
+lowering); imports with CPU-only jax, where every kernel runs in Pallas interpret mode.
 """
 
 from pallas_kernels.format import compress, decompress, top2_mask

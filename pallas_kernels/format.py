@@ -39,23 +39,29 @@ def _norm_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
+def magnitude(x: jax.Array) -> jax.Array:
+    """The ranking key of a weight: ``|x|`` with NaN mapped to ``+inf`` (so ``-0.0`` and ``0.0``
+    tie). The same rule as ``bimask_jax.masks``: a NaN weight is always kept, never hidden."""
+    a = jnp.abs(x)
+    return jnp.where(jnp.isnan(a), jnp.inf, a)
+
+
 def top2_of_4(scores: list[jax.Array]) -> list[jax.Array]:
     """Keep flags for the 2 largest of 4 same-shape score arrays (ties: lower position wins).
 
-    ``scores[p]`` is the score of position p in each group; returns 4 bool arrays, exactly two of
-    which are True at every element. NaN scores compare as "not greater" and "not equal".
+    ``scores[p]`` is the score of position p in each group, e.g. ``magnitude(w)`` (NaN-free: a NaN
+    score would compare as neither greater nor equal). Returns 4 bool arrays, exactly two of which
+    are True at every element.
     """
     keep = []
     for p in range(4):
-        rank = jnp.zeros(scores[p].shape, jnp.int32)
+        rank = None
         for q in range(4):
-            if q == p:
-                continue
-            beats = scores[q] > scores[p] if q > p else scores[q] >= scores[p]
-            rank = rank + beats.astype(jnp.int32)
+            if q != p:
+                beats = (scores[q] > scores[p] if q > p else scores[q] >= scores[p]).astype(jnp.int32)
+                rank = beats if rank is None else rank + beats
         keep.append(rank < 2)
-    # NaNs can leave fewer than 2 True; the forced pad below keeps the count at exactly two.
-    return _exactly_two(keep)
+    return keep
 
 
 def _exactly_two(keep: list[jax.Array]) -> list[jax.Array]:
@@ -233,7 +239,8 @@ def _decompress_core(values, metadata, axis):
 def top2_mask(w: jax.Array, axis: int = 0) -> jax.Array:
     """Bool mask keeping the 2 largest |w| of every 4 consecutive entries along ``axis``.
 
-    Ties go to the lower index. ``w.shape[axis] % 4 == 0`` required (ValueError otherwise).
+    Ties go to the lower index; NaN ranks as ``+inf`` (``magnitude``), as in ``bimask_jax.masks``.
+    ``w.shape[axis] % 4 == 0`` required (ValueError otherwise).
     """
     w = jnp.asarray(w)
     axis = _norm_axis(axis, w.ndim)
@@ -244,7 +251,7 @@ def top2_mask(w: jax.Array, axis: int = 0) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _top2_core(w, axis):
-    g = jnp.abs(_groups_first(w, axis))
+    g = magnitude(_groups_first(w, axis))
     keep = jnp.stack(top2_of_4([g[:, p] for p in range(4)]), axis=1)
     moved = jnp.moveaxis(w, axis, 0).shape
     return jnp.moveaxis(keep.reshape(moved), 0, axis)

@@ -2,7 +2,7 @@
 
 UNVERIFIED ON HARDWARE. This module lowers for ``cuda`` on a CPU-only jaxlib 0.10.2 (tested); it has
 never run on a GPU. The metadata word layout (``pack_sm90_metadata``) is *derived* (from CUTLASS's
-CuTe description, see ``shared/notes/hopper-sparse-mma.md``), because the PTX ISA gives it only as a
+CuTe description of the sparse ``wgmma`` operands), because the PTX ISA gives it only as a
 figure; a wrong layout gives wrong numbers, not a crash. ``benchmarks/kernels.py --sm90`` checks
 the result against the dense product in the same run.
 

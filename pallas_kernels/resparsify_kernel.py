@@ -5,8 +5,9 @@ One pass over ``W``: each program of the grid ``(K / block_k, C / block_c)`` rea
 ``T[a][b]`` of shape ``(block_k/8, block_c/8)``, ``T[a][b][r, s] = W[i*bk + 8r + a,
 perm[j*bc + 8s + b]]``, and computes
 
-* the forward mask ``Mf``: in every group of 4 consecutive rows, the 2 largest ``|W|`` (ties: lower
-  row); the forward operand ``compress(W*Mf, axis=0)`` -> ``fwd_values`` (K/2, C),
+* the forward mask ``Mf``: in every group of 4 consecutive rows, the 2 largest ``|W|`` (NaN ranks
+  as ``+inf``, ``format.magnitude``; ties: lower row); the forward operand
+  ``compress(W*Mf, axis=0)`` -> ``fwd_values`` (K/2, C),
   ``fwd_meta`` (K/8, C) (written back to the original columns ``perm[...]``, scattered stores);
 * the backward mask ``Mb`` in permuted column order: in every group of 4 consecutive permuted columns
   of a row, the 2 largest ``|W*Mf|`` (ties: lower permuted index), AND ``Mf``; the backward operand
@@ -32,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.format import nibble, select
+from pallas_kernels.format import _is_concrete, magnitude, nibble, select, top2_of_4
 from pallas_kernels.sparse_matmul import _next_pow2, _pad_to, _round_up, default_interpret
 
 
@@ -55,19 +56,6 @@ def _stack8(ts):
     l2 = [jnp.stack([l1[k], l1[k + 2]], -1) for k in range(2)]  # (bit 2, bit 1)
     out = jnp.stack(l2, -1)  # (bit 2, bit 1, bit 0): row-major order = natural order
     return out.reshape(*out.shape[:-3], 8)
-
-
-def _top2(parts):
-    """Keep flags of the 2 largest of 4 score tiles, ties to the lower position (lean form)."""
-    keep = []
-    for p in range(4):
-        rank = None
-        for q in range(4):
-            if q != p:
-                beats = (parts[q] > parts[p] if q > p else parts[q] >= parts[p]).astype(jnp.int32)
-                rank = beats if rank is None else rank + beats
-        keep.append(rank < 2)
-    return keep
 
 
 def _slots(keep):
@@ -98,7 +86,7 @@ def _resparsify_kernel(w_ref, perm_ref, *refs, bk, bc):
         nibs = []
         for e in range(2):
             parts = [t[4 * e + p][b] for p in range(4)]
-            keep = _top2([jnp.abs(x) for x in parts])
+            keep = top2_of_4([magnitude(x) for x in parts])
             i0, i1 = _slots(keep)
             fv[2 * e][b], fv[2 * e + 1][b] = select(parts, i0), select(parts, i1)
             nibs.append(nibble(i0, i1))
@@ -121,7 +109,7 @@ def _resparsify_kernel(w_ref, perm_ref, *refs, bk, bc):
         nibs = []
         for e in range(2):
             parts = [wf[a][4 * e + p] for p in range(4)]
-            i0, i1 = _slots(_top2([jnp.abs(x) for x in parts]))
+            i0, i1 = _slots(top2_of_4([magnitude(x) for x in parts]))
             bv[2 * e][a], bv[2 * e + 1][a] = select(parts, i0), select(parts, i1)
             nibs.append(nibble(i0, i1))
         bm[a] = (nibs[0] | (nibs[1] << 4)).astype(jnp.uint8)
@@ -165,8 +153,8 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
     Args:
       w: (K, C) float32 or bfloat16, K % 4 == 0 and C % 4 == 0 (conv kernels: flatten to
         ``(prod(window)*Cin, C)`` first).
-      perm: int (C,), a permutation of ``range(C)`` (checked when concrete; under ``jit`` a
-        repeated index would leave some forward columns unwritten).
+      perm: int (C,), a permutation of ``range(C)`` (``ValueError`` when concrete and not one;
+        under ``jit`` a non-permutation is replaced by the identity, as in ``bimask_jax``).
       block_k, block_c: tile sizes, multiples of 8 (powers of two on GPU); shrunk for small inputs.
       interpret: Pallas interpret mode; default: True unless the default backend is a GPU.
       num_warps: Triton compiler parameter (GPU only).
@@ -186,9 +174,12 @@ def resparsify(w, perm, *, block_k: int = 64, block_c: int = 64, interpret: bool
         raise ValueError(f"w shape {w.shape}: K and C must both be divisible by m=4")
     if perm.shape != (c,) or not jnp.issubdtype(perm.dtype, jnp.integer):
         raise ValueError(f"perm must be an int array of shape ({c},), got {perm.dtype} {perm.shape}")
-    if not isinstance(perm, jax.core.Tracer) and not np.array_equal(
-            np.sort(np.asarray(perm)), np.arange(c)):
-        raise ValueError(f"perm must be a permutation of range({c})")
+    if _is_concrete(perm):
+        if not np.array_equal(np.sort(np.asarray(perm)), np.arange(c)):
+            raise ValueError(f"perm must be a permutation of range({c})")
+    else:  # traced: a non-permutation would leave output columns unwritten; use the identity
+        ident = jnp.arange(c, dtype=perm.dtype)
+        perm = jnp.where(jnp.all(jnp.sort(perm) == ident), perm, ident)
     for name, b in (("block_k", block_k), ("block_c", block_c)):
         if not isinstance(b, int) or b <= 0 or b % 8:
             raise ValueError(f"{name} must be a positive multiple of 8, got {b!r}")

@@ -35,8 +35,15 @@ def test_sparse_dense_values_and_grads_match_formula(batch):
 def test_sparse_dense_masks_get_no_gradient_and_grad_works():
     k, x = _rand((8, 8), 0), _rand((4, 8), 1)
     fwd, bwd = _masks(k)
-    gk = jax.grad(lambda k_: bj.sparse_dense(x, k_, fwd, bwd).sum())(k)
-    assert gk.shape == k.shape and gk.dtype == jnp.float32
+    gk, gf, gb = jax.grad(
+        lambda k_, f_, b_: bj.sparse_dense(x, k_, f_, b_).sum(), argnums=(0, 1, 2), allow_int=True
+    )(k, fwd, bwd)
+    # the masks' cotangents are symbolic zeros (float0), the kernel's is the documented rule
+    assert gf.dtype == jax.dtypes.float0 and gf.shape == k.shape
+    assert gb.dtype == jax.dtypes.float0 and gb.shape == k.shape
+    want = x.T @ np.ones((4, 8), np.float32) + 2e-4 * (1 - np.asarray(fwd)) * k
+    np.testing.assert_allclose(gk, want, rtol=1e-5, atol=1e-5)
+    assert gk.dtype == jnp.float32
 
 
 def _np_conv_nhwc(x, w, stride, pad):
@@ -165,7 +172,7 @@ def test_op_errors():
     onesc = jnp.ones(kc.shape, bool)
     with pytest.raises(ValueError, match="channel axis \\(4\\) must equal kernel's Cin=8"):
         bj.sparse_conv(_rand((1, 5, 5, 4), 0), kc, onesc, onesc)
-    with pytest.raises(ValueError, match="strides must be an int or a sequence of 2 ints"):
+    with pytest.raises(ValueError, match="strides must be an int >= 1 or a sequence of 2"):
         bj.sparse_conv(_rand((1, 5, 5, 8), 0), kc, onesc, onesc, strides=(1, 1, 1))
 
 

@@ -322,8 +322,11 @@ def test_scan_without_state_axis_raises_clear_error():
 
 def test_skip_rules_fallback_and_summary():
     net, model, x, v = _setup()
-    rows = {r["path"]: r for r in bf.summary(model, v, print_fn=None)}
+    # without inputs: the sparse layers (they carry state), by path
+    assert [r["path"] for r in bf.summary(model, v, print_fn=None)] == ["conv", "fc", "head"]
+    rows = {r["path"]: r for r in bf.summary(model, v, sample_args=(x,), print_fn=None)}
     assert list(rows) == ["stem", "conv", "dw", "fc", "head"]
+    assert rows["stem"]["kernel_shape"] == (3, 3, 3, 8) and rows["fc"]["kind"] == "Dense"
     assert rows["stem"]["status"] == "skipped" and "3 not divisible by m=4" in rows["stem"]["note"]
     assert rows["dw"]["status"] == "skipped" and "depthwise" in rows["dw"]["note"]
     assert rows["conv"]["method"] == "bimask" and rows["fc"]["method"] == "bimask"
@@ -344,10 +347,12 @@ def test_skip_rules_fallback_and_summary():
 ])
 def test_exclude_include(kw, sparse):
     model = bf.sparse(SmallNet(), **kw)
-    v = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    x = jnp.ones((1, 8, 8, 3))
+    v = jax.eval_shape(model.init, jax.random.key(0), x)
     assert sorted(v["bimask"]) == sparse
-    got = [p for p, r in model.recorder.layers.items() if r["sparse"]]
-    assert got == sparse
+    layers = bf.layers(model, sample_args=(x,))
+    assert [x.path for x in layers] == ["stem", "conv", "dw", "fc", "head"]
+    assert [x.path for x in layers if x.sparse] == sparse
 
 
 def test_export_loads_into_unwrapped_model():

@@ -72,6 +72,7 @@ def test_train_batches_deterministic_resumable_and_epoch_dependent(tree):
         np.testing.assert_array_equal(g["image"][1::2], x1["image"])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(tree):
     src = D.elements(D.scan_image_folder(os.path.join(tree, "train")))
     tf = D.DecodeTrain(8)
@@ -164,6 +165,52 @@ def test_cifar_pickle_cifar10_and_cifar100(tmp_path):
     assert len(train.classes) == 100 and train.labels.tolist() == [7, 8, 99]
     with pytest.raises(ValueError, match="no CIFAR python-pickle"):
         D.load_cifar_pickle(str(tmp_path / "c100" / "cifar-100-python" / "x"))
+
+
+class _Exploit:
+    """A pickle payload that would create ``marker`` when unpickled with plain ``pickle.load``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_pickle_loader_refuses_code_and_admits_the_official_contents(tmp_path, protocol):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    marker = tmp_path / "pwned"
+    data = np.arange(2 * 3072, dtype=np.int64).reshape(2, 3072) % 256
+    ok = {"batch_label": b"training batch 1 of 5", "labels": [0, 9],
+          "data": data.astype(np.uint8), "filenames": [b"a.png", b"b.png"]}
+    for name in ("data_batch_1", "test_batch"):
+        with open(d / name, "wb") as f:
+            pickle.dump(ok, f, protocol=protocol)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}, f,
+                    protocol=protocol)
+    train, _ = D.load_cifar_pickle(str(tmp_path))  # bytes, lists, ints, a uint8 array: admitted
+    assert train.labels.tolist() == [0, 9] and train.images.shape == (2, 32, 32, 3)
+    # The same payload runs code under plain pickle (the test's premise) ...
+    with open(tmp_path / "probe", "wb") as f:
+        pickle.dump(_Exploit(str(tmp_path / "probe_marker")), f, protocol=protocol)
+    with open(tmp_path / "probe", "rb") as f:
+        pickle.load(f)
+    assert (tmp_path / "probe_marker").exists()
+    # ... and is refused by the CIFAR loader, before anything runs.
+    for payload in ({"data": _Exploit(str(marker)), "labels": [0]}, _Exploit(str(marker))):
+        with open(d / "data_batch_1", "wb") as f:
+            pickle.dump(payload, f, protocol=protocol)
+        with pytest.raises(ValueError, match=r"data_batch_1: not a CIFAR python pickle: "
+                                             r"(__builtin__|builtins)\.exec is not allowed"):
+            D.load_cifar_pickle(str(tmp_path))
+        assert not marker.exists()
+    with open(d / "data_batch_1", "wb") as f:
+        pickle.dump([1, 2], f, protocol=protocol)
+    with pytest.raises(ValueError, match="holds a dict, got list"):
+        D.load_cifar_pickle(str(tmp_path))
 
 
 def test_digits_split_is_stratified_and_fixed():

@@ -68,6 +68,7 @@ def dense_run(tree, tmp_path_factory):
     return out, run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dense", "srste", "transposable", "bimask"])
 def test_cifar_script_every_method(method, tree, tmp_path, dense_run):
     if method == "dense":
@@ -108,6 +109,7 @@ def test_cifar_script_every_method(method, tree, tmp_path, dense_run):
         assert refreshes == [3 if method == "bimask" else 0] * 6
 
 
+@pytest.mark.slow
 def test_imagenet_script_resnet_and_deit(tmp_path):
     tree = write_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=2,
                               sizes=[(24, 20), (18, 26)])
@@ -134,22 +136,43 @@ def test_imagenet_script_resnet_and_deit(tmp_path):
         assert os.listdir(tmp_path / "deit" / "tb")[0].startswith("events.out.tfevents")
 
 
-def test_resume_equals_unbroken_run(tree, tmp_path):
-    args = CIFAR_ARGS + ["--data_path", tree, "--method", "bimask", "--seed", "7"]
-    full = cifar.main(args + ["--job_dir", str(tmp_path / "full")])
+@pytest.fixture(scope="module")
+def bimask_args(tree):
+    return CIFAR_ARGS + ["--data_path", tree, "--method", "bimask", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def bimask_full(bimask_args, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("full"))
+    return cifar.main(bimask_args + ["--job_dir", run_dir]), run_dir
+
+
+@pytest.mark.slow
+def test_resume_equals_unbroken_run(bimask_args, bimask_full, tmp_path):
+    args = bimask_args
+    full, full_dir = bimask_full
     part = str(tmp_path / "part")
     first = cifar.main(args + ["--job_dir", part, "--stop-after-steps", "4"])
     assert first["stopped_early"] and first["step"] == 4  # stopped mid-epoch 2 (3 steps/epoch)
-    resumed = cifar.main(args + ["--job_dir", part, "--resume"])
+    resumed = cifar.main(args + ["--job_dir", part, "--resume", "--workers", "0"])
     assert resumed["step"] == full["step"] == 6
     # Params, optimizer state, batch stats, bimask permutations (refreshed at step 4, after the
     # resume), step and RNG: bit-identical.
     _leaves_equal(full["state"], resumed["state"])
     assert resumed["final_top1"] == full["final_top1"]
     # The train losses logged after the resume (steps 5 and 6) match too.
-    lf = [x["loss"] for x in _lines(str(tmp_path / "full")) if x["type"] == "train"]
+    lf = [x["loss"] for x in _lines(full_dir) if x["type"] == "train"]
     lp = [x["loss"] for x in _lines(part) if x["type"] == "train"]
     assert lp == lf
+    # The resume is in the log, without overrides (--workers is not a training setting).
+    assert [x for x in _lines(part) if x["type"] == "resume"] == [
+        {"type": "resume", "step": 4, "checkpoint": 4, "overrides": {}, "skipped_corrupt": []}]
+    # Resuming the finished run trains nothing and appends nothing (no second summary line).
+    before = _lines(part)
+    again = cifar.main(args + ["--job_dir", part, "--resume"])
+    assert again["already_finished"] and again["final_top1"] == full["final_top1"]
+    _leaves_equal(full["state"], again["state"])
+    assert _lines(part) == before and [x["type"] for x in before].count("summary") == 2
     # Stopped exactly at an epoch end: that epoch is still evaluated and checkpointed.
     edge = str(tmp_path / "edge")
     first = cifar.main(args + ["--job_dir", edge, "--stop-after-steps", "3"])
@@ -161,6 +184,112 @@ def test_resume_equals_unbroken_run(tree, tmp_path):
         cifar.main(args + ["--job_dir", edge])
     with pytest.raises(ValueError, match="no checkpoint"):
         cifar.main(args + ["--job_dir", str(tmp_path / "empty"), "--resume"])
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_settings_unless_overridden(bimask_args, tmp_path):
+    args, part = bimask_args, str(tmp_path / "part")
+    cifar.main(args + ["--job_dir", part, "--stop-after-steps", "4"])
+    changed = ["--seed", "8", "--N", "1", "--lr", "0.2", "--width-mult", "0.5"]
+    with pytest.raises(ValueError) as e:
+        cifar.main(args + changed + ["--job_dir", part, "--resume", "--resume-override", "lr"])
+    msg = str(e.value)
+    for line in ("--seed: 7 in the checkpoint, 8 now", "--n: 2 in the checkpoint, 1 now",
+                 "--width-mult: 0.25 in the checkpoint, 0.5 now",
+                 "--resume-override n,seed,width_mult"):
+        assert line in msg
+    assert "--lr" not in msg  # overridden
+    with pytest.raises(ValueError, match="not training settings"):
+        cifar.main(args + ["--job_dir", part, "--resume", "--resume-override", "colour"])
+    out = cifar.main(args + ["--lr", "0.2", "--job_dir", part, "--resume",
+                             "--resume-override", "lr"])
+    assert out["step"] == 6
+    resumes = [x for x in _lines(part) if x["type"] == "resume"]
+    assert resumes == [{"type": "resume", "step": 4, "checkpoint": 4, "skipped_corrupt": [],
+                        "overrides": {"lr": {"checkpoint": 0.1, "now": 0.2}}}]
+    assert json.load(open(os.path.join(part, "config.json")))["lr"] == 0.2
+    # Cosine per epoch over 2 epochs: peak, then peak/2; the peak is 0.2 from the resume on.
+    lrs = [x["lr"] for x in _lines(part) if x["type"] == "train"]
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.1, 0.1])
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write_resumes_to_the_bit(bimask_args, bimask_full, tmp_path):
+    import signal
+    import time
+
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, "-m", "train.cifar", *bimask_args, "--job_dir",
+                             str(part), "--ckpt-every-steps", "1"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last, deadline = part / "checkpoints" / "last", time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            names = os.listdir(last) if last.is_dir() else []
+            committed = [n for n in names if n.isdigit()]
+            # Kill during the write of the second checkpoint (its temporary directory exists).
+            if committed and any("tmp" in n for n in names):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = cifar.main(bimask_args + ["--job_dir", str(part), "--resume"])
+    assert resumed["step"] == 6
+    _leaves_equal(bimask_full[0]["state"], resumed["state"])
+
+
+@pytest.mark.slow
+def test_non_finite_training_stops_and_saves_nothing(tree, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite training loss \(nan\) in steps 2-2 "
+                                                  r"\(epoch 1.*no checkpoint was written"):
+        cifar.main(CIFAR_ARGS + ["--data_path", tree, "--method", "dense", "--lr", "1e30",
+                                 "--job_dir", str(run_dir)])
+    assert os.listdir(run_dir / "checkpoints" / "last") == []
+    assert os.listdir(run_dir / "checkpoints" / "best") == []
+    assert [x["type"] for x in _lines(run_dir)] == ["train", "train"]
+    # A non-finite state is refused by the checkpoint guard itself too.
+    r = loop.Run.__new__(loop.Run)
+    r.state = {"params": {"w": np.array([1.0, np.inf])}, "step": np.int32(3)}
+
+    class _Ckpt:
+        def latest_step(self):
+            return 2
+
+    r.ckpt = _Ckpt()
+    with pytest.raises(loop.NonFiniteError, match="step 3.*newest checkpoint \\(step 2\\)"):
+        r.save(1, 0)
+
+
+def test_no_layer_sparse_at_the_requested_m_is_named_per_layer(tree, tmp_path):
+    for m in ("3", "64"):
+        with pytest.raises(ValueError) as e:
+            cifar.main(CIFAR_ARGS + ["--data_path", tree, "--M", m, "--job_dir", str(tmp_path)])
+        msg = str(e.value)
+        assert f"2:{m}: no layer of --arch resnet8 can be N:M sparse" in msg
+        assert f"stage3_block0/conv2: input channels 16 not divisible by m={m}" in msg
+        assert "stem: kept dense by the model's exclusions" in msg
+    assert not os.path.exists(tmp_path / "checkpoints")  # stopped before any work
+
+
+@pytest.mark.slow
+def test_resume_with_another_width_ends_with_the_cause(tree, dense_run):
+    """As a command: the last line of stderr names the array and both shapes (no traceback, no
+    'Event loop is closed' after it)."""
+    _, run_dir = dense_run
+    args = CIFAR_ARGS + ["--data_path", tree, "--method", "dense", "--job_dir", run_dir,
+                         "--resume", "--width-mult", "0.5", "--resume-override", "width_mult"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-m", "train.cifar", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m train.cifar: error: checkpoint 6 (")
+    assert "does not fit this model: array params/classifier/kernel has shape (16, 3) in the " \
+           "checkpoint, (32, 3) here (and 57 more arrays)" in last
+    assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr
 
 
 _TWO_DEVICE = """
@@ -177,6 +306,7 @@ except ValueError as e:
 """
 
 
+@pytest.mark.slow
 def test_two_device_sharded_run_matches_one_device(tree, tmp_path, dense_run):
     out1, _ = dense_run
     npz = str(tmp_path / "params.npz")
@@ -196,6 +326,7 @@ def test_two_device_sharded_run_matches_one_device(tree, tmp_path, dense_run):
         np.testing.assert_allclose(got[f"arr_{i}"], np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_distributed_run_matches_one_process(tree, tmp_path, dense_run):
     """--distributed with 2 processes of 1 CPU device each (gloo collectives): every host reads its
     own rows, orbax checkpoints from both; the metrics equal the 1-process run's to rounding."""
@@ -210,7 +341,7 @@ def test_two_process_distributed_run_matches_one_process(tree, tmp_path, dense_r
                          "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "train/cifar.py", *args, "--process-id", str(i)],
+    procs = [subprocess.Popen([sys.executable, "-m", "train.cifar", *args, "--process-id", str(i)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -225,6 +356,7 @@ def test_two_process_distributed_run_matches_one_process(tree, tmp_path, dense_r
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints", "last"))) == ["3", "6"]
 
 
+@pytest.mark.slow
 def test_bad_input_fails_early_and_clearly(tmp_path):
     base = CIFAR_ARGS + ["--method", "dense", "--job_dir", str(tmp_path / "run")]
     with pytest.raises(ValueError, match="does not exist"):
@@ -241,6 +373,7 @@ def test_bad_input_fails_early_and_clearly(tmp_path):
         cifar.main(["--arch", "resnet50", "--dataset", "digits"])
 
 
+@pytest.mark.slow
 def test_corrupt_jpeg_skip_counts_and_fail_names_the_file(tree, tmp_path):
     data = write_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1,
                               size=8)

@@ -1,7 +1,7 @@
 """Measure the input pipeline alone (decode + augment + batch, no model): images per second.
 
-    python train/bench_loader.py --data-path /tmp/cifar10 --pipeline cifar --workers 0 1 2
-    python train/bench_loader.py --data-path /data/imagenet --pipeline imagenet --workers 16
+    python -m train.bench_loader --data-path /tmp/cifar10 --pipeline cifar --workers 0 1 2
+    python -m train.bench_loader --data-path /data/imagenet --pipeline imagenet --workers 16
 
 ``cifar``: the train/cifar.py transform (JPEG decode, 4-pixel padded random crop, flip);
 ``imagenet``: the train/imagenet.py transform (JPEG decode with DCT downscaling,
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train import data as data_lib  # noqa: E402
+from train import data as data_lib
 
 
 def measure(source, transform, *, batch: int, workers: int, batches: int, warmup: int) -> float:
@@ -38,7 +34,7 @@ def measure(source, transform, *, batch: int, workers: int, batches: int, warmup
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.bench_loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", required=True, help="ImageFolder root (its train/ is read)")
     p.add_argument("--pipeline", choices=["cifar", "imagenet"], default="cifar")
     p.add_argument("--image-size", type=int, default=None)

@@ -1,7 +1,9 @@
 """Train a CIFAR model (ResNet-20/32/56, VGG-19, MobileNetV2) with N:M sparsity or dense.
 
-    python train/cifar.py --arch resnet32_cifar10 --data_path /data/cifar10 --job_dir runs/r32
-    python train/cifar.py --dataset digits --arch resnet20 --epochs 10      # no download
+    python -m train.cifar --arch resnet32_cifar10 --data_path /data/cifar10 --job_dir runs/r32
+    python -m train.cifar --dataset digits --arch resnet20 --epochs 10      # no download
+
+(from the repository root; in code: ``train(configure(dataset="digits", epochs=10))``).
 
 Data: an ImageFolder root (``train/`` and ``val/`` or ``test/``), the official CIFAR-10/100
 python-pickle directory, or ``--dataset digits``. Recipe defaults: the paper's (300 epochs, batch
@@ -11,15 +13,11 @@ python-pickle directory, or ``--dataset digits``. Recipe defaults: the paper's (
 from __future__ import annotations
 
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train import config as config_lib  # noqa: E402
-from train import data as data_lib  # noqa: E402
-from train import loop  # noqa: E402
-from train.models import CIFAR_FAMILIES, arch_family, create_model  # noqa: E402
+from train import config as config_lib
+from train import data as data_lib
+from train import loop
+from train.models import CIFAR_FAMILIES, arch_family, create_model
 
 
 def build_data(cfg) -> loop.DataSpec:
@@ -70,14 +68,27 @@ class _Eval:
         return self.transform(element, None)
 
 
-def main(argv=None) -> dict:
-    """Parse flags, build data and model, train; returns the run summary."""
-    cfg = config_lib.build_parser("cifar").parse_args(argv)
-    loop.init_distributed(cfg)
+def _with_recipe(cfg):
     family = arch_family(cfg.arch)
     if family not in CIFAR_FAMILIES:
-        raise ValueError(f"--arch {cfg.arch} is an ImageNet model; use train/imagenet.py")
-    config_lib.apply_recipe(cfg, family)
+        raise ValueError(f"--arch {cfg.arch} is an ImageNet model; use train.imagenet")
+    return config_lib.apply_recipe(cfg, family)
+
+
+def configure(**settings):
+    """The configuration of ``python -m train.cifar`` with ``settings`` (argparse dests, e.g.
+    ``dataset="digits", epochs=15``) instead of flags, the recipe applied; checked like flags."""
+    return _with_recipe(config_lib.make("cifar", **settings))
+
+
+def parse(argv=None):
+    """The configuration from command-line flags, the recipe applied."""
+    return _with_recipe(config_lib.build_parser("cifar").parse_args(argv))
+
+
+def train(cfg) -> dict:
+    """Build data and model for ``cfg`` and train; returns the run summary."""
+    loop.init_distributed(cfg)
     data = build_data(cfg)
     import jax.numpy as jnp
 
@@ -86,5 +97,10 @@ def main(argv=None) -> dict:
     return loop.run(cfg, spec.module, spec.dense_layers, data, script="cifar")
 
 
+def main(argv=None) -> dict:
+    """Parse flags, build data and model, train; returns the run summary."""
+    return train(parse(argv))
+
+
 if __name__ == "__main__":
-    main()
+    loop.cli(main, "python -m train.cifar")

@@ -1,32 +1,144 @@
 """Command-line flags of ``train/cifar.py`` and ``train/imagenet.py``, the PyTorch reference's flag
 names as aliases, and the paper's recipes as defaults.
 
-Every recipe flag defaults to ``None`` on the command line and is filled by :func:`apply_recipe`
-from the architecture's family, so any flag the user passes wins over the recipe.
+The recipes are data (:class:`Recipe`, one frozen instance per family). Every recipe flag defaults
+to ``None`` on the command line and :func:`apply_recipe` returns a new configuration with those
+filled from the architecture's recipe, so any flag the user passes wins over the recipe. Every
+numeric flag is checked when parsed (argparse names the flag); :func:`make` builds the same
+configuration from keyword arguments, with the same checks, for code (the quickstart).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
 
-# Recipes (paper / DeiT): keys are argparse dests.
-CIFAR_RECIPE = dict(
-    epochs=300, batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=False,
-    weight_decay=1e-3, label_smoothing=0.1, warmup_epochs=0, warmup_lr=0.0, min_lr=0.0,
-    lr_schedule="cosine_epoch", mixup=0.0, cutmix=0.0, drop_path=0.0, repeated_aug=1,
-)
-RESNET_RECIPE = dict(
-    epochs=120, batch_size=256, optimizer="sgd", lr_per_256=0.1, momentum=0.9, nesterov=False,
-    weight_decay=1e-4, label_smoothing=0.1, warmup_epochs=5, warmup_lr=0.0, min_lr=0.0,
-    lr_schedule="cosine_step", mixup=0.0, cutmix=0.0, drop_path=0.0, repeated_aug=1, reprob=0.0,
-    randaug_magnitude=0.0, interpolation="bilinear",
-)
-DEIT_RECIPE = dict(
-    epochs=300, batch_size=1024, optimizer="adamw", lr_per_512=5e-4, momentum=0.9, nesterov=False,
-    weight_decay=0.05, label_smoothing=0.1, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
-    lr_schedule="cosine_step", mixup=0.8, cutmix=1.0, drop_path=0.1, repeated_aug=3, reprob=0.25,
-    randaug_magnitude=9.0, interpolation="bicubic",
-)
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe: the default of every recipe flag (keys are argparse dests). ``lr`` is
+    absolute, or None with ``lr_per_256`` / ``lr_per_512`` (linear scaling with the batch)."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    weight_decay: float
+    warmup_epochs: float
+    warmup_lr: float
+    min_lr: float
+    lr_schedule: str
+    lr: float | None = None
+    lr_per_256: float | None = None
+    lr_per_512: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    drop_path: float = 0.0
+    repeated_aug: int = 1
+    reprob: float = 0.0
+    randaug_magnitude: float = 0.0
+    interpolation: str = "bilinear"
+
+    def peak_lr(self, batch_size: int) -> float:
+        """The recipe's learning rate for a global batch of ``batch_size``."""
+        if self.lr is not None:
+            return self.lr
+        if self.lr_per_256 is not None:
+            return self.lr_per_256 * batch_size / 256
+        return self.lr_per_512 * batch_size / 512
+
+
+# The paper's recipes (DeiT's for DeiT).
+CIFAR_RECIPE = Recipe(epochs=300, batch_size=256, optimizer="sgd", lr=0.1, weight_decay=1e-3,
+                      warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, lr_schedule="cosine_epoch")
+RESNET_RECIPE = Recipe(epochs=120, batch_size=256, optimizer="sgd", lr_per_256=0.1,
+                       weight_decay=1e-4, warmup_epochs=5, warmup_lr=0.0, min_lr=0.0,
+                       lr_schedule="cosine_step")
+DEIT_RECIPE = Recipe(epochs=300, batch_size=1024, optimizer="adamw", lr_per_512=5e-4,
+                     weight_decay=0.05, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
+                     lr_schedule="cosine_step", mixup=0.8, cutmix=1.0, drop_path=0.1,
+                     repeated_aug=3, reprob=0.25, randaug_magnitude=9.0, interpolation="bicubic")
+RECIPES = {"cifar_resnet": CIFAR_RECIPE, "vgg": CIFAR_RECIPE, "mobilenetv2": CIFAR_RECIPE,
+           "resnet": RESNET_RECIPE, "deit": DEIT_RECIPE}
+
+# Settings that may change when a run is resumed (how it runs, logs and checkpoints, not what it
+# computes); every other setting is compared with the checkpoint's on --resume.
+RUN_SETTINGS = frozenset({
+    "run_dir", "resume", "resume_override", "workers", "prefetch", "no_progress", "tensorboard",
+    "distributed", "coordinator_address", "num_processes", "process_id", "stop_after_steps",
+    "eval_export", "log_every", "ckpt_every_steps", "keep_checkpoints", "eval_every",
+    "eval_batch_size", "fast_compile", "data_path",
+})
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric flag rules: argparse types (the error names the flag) and the same checks for
+# configurations built in code (:func:`make`).
+# --------------------------------------------------------------------------------------------
+
+
+def _number(kind, *, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse ``type``: parse with ``kind`` (int or float), reject NaN/inf and values outside
+    ``[lo, hi]`` (``lo_open`` / ``hi_open``: exclusive bounds)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if isinstance(text, bool) or (kind is int and isinstance(text, float)):
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        above = hi is not None and (value >= hi if hi_open else value > hi)
+        if below or above:
+            what = "an integer" if kind is int else "a number"
+            if hi is None:
+                rule = f"{what} {'>' if lo_open else '>='} {lo}"
+            else:
+                rule = f"{what} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid <name> value" fallback
+    return parse
+
+
+POSITIVE_INT = _number(int, lo=1)
+NONNEG_INT = _number(int, lo=0)
+NONNEG_FLOAT = _number(float, lo=0.0)
+FRACTION = _number(float, lo=0.0, hi=1.0)
+ANY_INT = _number(int)
+
+
+RULES = {
+    "image_size": POSITIVE_INT, "eval_resize": POSITIVE_INT, "depth": POSITIVE_INT,
+    "patch_size": POSITIVE_INT, "width_mult": _number(float, lo=0.0, lo_open=True),
+    "workers": NONNEG_INT, "prefetch": POSITIVE_INT, "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT, "lr": NONNEG_FLOAT,
+    "momentum": _number(float, lo=0.0, hi=1.0, hi_open=True), "weight_decay": NONNEG_FLOAT,
+    "label_smoothing": FRACTION, "warmup_epochs": NONNEG_FLOAT, "warmup_lr": NONNEG_FLOAT,
+    "min_lr": NONNEG_FLOAT, "mixup": NONNEG_FLOAT, "cutmix": NONNEG_FLOAT,
+    "drop_path": _number(float, lo=0.0, hi=1.0, hi_open=True), "clip_grad": NONNEG_FLOAT,
+    "repeated_aug": POSITIVE_INT, "reprob": FRACTION, "randaug_magnitude": NONNEG_FLOAT,
+    "randaug_ops": NONNEG_INT, "n": POSITIVE_INT, "m": POSITIVE_INT,
+    "refresh_every": POSITIVE_INT, "num_candidates": POSITIVE_INT, "decay": NONNEG_FLOAT,
+    "search_iterations": POSITIVE_INT, "seed": NONNEG_INT, "ckpt_every_steps": NONNEG_INT,
+    "keep_checkpoints": POSITIVE_INT, "eval_every": POSITIVE_INT, "log_every": POSITIVE_INT,
+    "num_processes": POSITIVE_INT, "process_id": NONNEG_INT, "stop_after_steps": NONNEG_INT,
+}
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip().replace("-", "_") for k in str(text).split(",") if k.strip())
+    if not keys:
+        raise argparse.ArgumentTypeError("expected KEY[,KEY...]")
+    return keys
 
 
 def _bool(text: str) -> bool:
@@ -44,7 +156,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     if script not in ("cifar", "imagenet"):
         raise ValueError(f"script must be 'cifar' or 'imagenet', got {script!r}")
     p = argparse.ArgumentParser(
-        prog=f"train/{script}.py",
+        prog=f"python -m train.{script}",
         description=("Train a CIFAR model (ResNet-20/32/56, VGG-19, MobileNetV2)" if script == "cifar"
                      else "Train an ImageNet model (ResNet-18/34/50, DeiT-Tiny/Small)")
         + " with N:M sparsity (Bi-Mask, SR-STE, transposable masks) or dense.",
@@ -168,32 +280,69 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--fast-compile", action="store_true",
                    help="compile the train/eval steps without XLA backend optimisation (much "
                         "faster compiles, slower steps: smoke runs and tests on CPU)")
+    g.add_argument("--resume-override", type=_keys, default=(), metavar="KEY[,KEY]",
+                   help="--resume: accept these settings differing from the checkpoint's (e.g. "
+                        "epochs,lr); any other difference stops the resume")
     del a
+    for action in p._actions:  # every numeric flag gets its rule (the error names the flag)
+        if action.type in (int, float):
+            action.type = RULES[action.dest]
     return p
 
 
 def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
-    """Fill every ``None`` recipe flag of ``cfg`` from the recipe of ``family`` (in place; also
-    returned). ``family`` in "cifar_resnet", "vgg", "mobilenetv2", "resnet", "deit"."""
-    if family in ("cifar_resnet", "vgg", "mobilenetv2"):
-        recipe = dict(CIFAR_RECIPE)
-    elif family == "resnet":
-        recipe = dict(RESNET_RECIPE)
-    elif family == "deit":
-        recipe = dict(DEIT_RECIPE)
-    else:
+    """A new configuration: ``cfg`` with every ``None`` recipe setting filled from the recipe of
+    ``family`` ("cifar_resnet", "vgg", "mobilenetv2", "resnet", "deit"); ``cfg`` is not changed.
+    Also checks the rules between flags (``0 < n <= m``)."""
+    if family not in RECIPES:
         raise ValueError(f"unknown model family {family!r}")
-    per256, per512 = recipe.pop("lr_per_256", None), recipe.pop("lr_per_512", None)
-    for key, value in recipe.items():
-        if key in vars(cfg) and getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    if cfg.lr is None:
-        cfg.lr = per256 * cfg.batch_size / 256 if per256 else per512 * cfg.batch_size / 512
-    if cfg.eval_batch_size is None:
-        cfg.eval_batch_size = cfg.batch_size
+    recipe = RECIPES[family]
+    values = dict(vars(cfg))
+    for field in dataclasses.fields(Recipe):
+        if field.name in values and values[field.name] is None:
+            values[field.name] = getattr(recipe, field.name)
+    if values["lr"] is None:
+        values["lr"] = recipe.peak_lr(values["batch_size"])
+    if values.get("eval_batch_size") is None:
+        values["eval_batch_size"] = values["batch_size"]
     for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not 0 < cfg.n <= cfg.m:
-        raise ValueError(f"N:M needs 0 < n <= m, got n={cfg.n}, m={cfg.m}")
-    return cfg
+        if values[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+    if not 0 < values["n"] <= values["m"]:
+        raise ValueError(f"--n/--m: N:M needs 0 < n <= m, got n={values['n']}, m={values['m']}")
+    return argparse.Namespace(**values)
+
+
+def make(script: str, **settings) -> argparse.Namespace:
+    """The configuration ``script`` ("cifar" or "imagenet") would parse from flags, built from
+    keyword arguments (argparse dests, e.g. ``make("cifar", dataset="digits", epochs=15)``):
+    the parser's defaults, then ``settings``, each numeric one checked by the same rule as its
+    flag (ValueError naming the flag). The recipe is not applied (see :func:`apply_recipe`)."""
+    cfg = vars(build_parser(script).parse_args([]))
+    unknown = sorted(set(settings) - set(cfg))
+    if unknown:
+        raise ValueError(f"unknown settings for train/{script}: {unknown}")
+    for key, value in settings.items():
+        if key in RULES and value is not None:
+            try:
+                value = RULES[key](value)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+        cfg[key] = value
+    return argparse.Namespace(**cfg)
+
+
+def training_settings(cfg) -> dict:
+    """The settings of ``cfg`` that define what a run computes (all but :data:`RUN_SETTINGS`),
+    JSON-ready: compared with the checkpoint's on ``--resume``."""
+    values = cfg if isinstance(cfg, dict) else vars(cfg)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(values.items())
+            if k not in RUN_SETTINGS}
+
+
+def differences(stored: dict, current: dict) -> dict[str, tuple]:
+    """``{key: (stored value, current value)}`` for every training setting that differs (a key
+    missing on one side counts as a difference with ``None``)."""
+    keys = set(stored) | set(current)
+    return {k: (stored.get(k), current.get(k)) for k in sorted(keys)
+            if k not in RUN_SETTINGS and stored.get(k) != current.get(k)}

@@ -17,6 +17,7 @@ This module imports no JAX: grain's worker processes (spawned) import it.
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 from collections.abc import Iterator, Sequence
@@ -121,9 +122,45 @@ def _cifar_pickle_root(path: str) -> str | None:
     return None
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as protocol-2 pickles of ``bytes`` use it, for the latin-1 codec only."""
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed in a CIFAR pickle")
+    return codecs.encode(text, "latin1")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what the CIFAR python files contain: dicts, lists, strings,
+    bytes, numbers and NumPy array reconstruction. Any other global (``os.system``, ``eval``,
+    ``builtins.*``, ...) raises ``pickle.UnpicklingError`` before it can be called."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not allowed in a CIFAR pickle (only dicts, lists, strings, bytes, "
+            "numbers and NumPy arrays are)")
+
+
 def _unpickle(path: str) -> dict:
+    """Load one CIFAR python file with :class:`CifarUnpickler` (never plain ``pickle.load``: a
+    crafted file in the data directory could run code)."""
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        try:
+            out = CifarUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: not a CIFAR python pickle: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: a CIFAR python pickle holds a dict, got {type(out).__name__}")
+    return out
 
 
 def _cifar_arrays(d: dict, key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """Train an ImageNet model (ResNet-18/34/50, DeiT-Tiny/Small) with N:M sparsity or dense.
 
-    python train/imagenet.py --arch resnet50 --data_path /data/imagenet --job_dir runs/r50 \\
+    python -m train.imagenet --arch resnet50 --data_path /data/imagenet --job_dir runs/r50 \\
         --workers 16
-    python train/imagenet.py --arch vit_deit_small_patch16_224 --data_path /data/imagenet
+    python -m train.imagenet --arch vit_deit_small_patch16_224 --data_path /data/imagenet
 
 Data: an ImageFolder root with ``train/`` and ``val/`` class folders (JPEG). Training crops:
 RandomResizedCrop(image_size) + flip; eval: resize to eval_resize (shorter side), center crop.
@@ -14,15 +14,11 @@ cosine to 1e-5, drop-path 0.1, mixup 0.8 / cutmix 1.0).
 from __future__ import annotations
 
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train import config as config_lib  # noqa: E402
-from train import data as data_lib  # noqa: E402
-from train import loop  # noqa: E402
-from train.models import IMAGENET_FAMILIES, arch_family, create_model  # noqa: E402
+from train import config as config_lib
+from train import data as data_lib
+from train import loop
+from train.models import IMAGENET_FAMILIES, arch_family, create_model
 
 
 def build_data(cfg) -> loop.DataSpec:
@@ -48,14 +44,27 @@ def build_data(cfg) -> loop.DataSpec:
                          data_lib.IMAGENET_STD, f"ImageFolder {cfg.data_path}")
 
 
-def main(argv=None) -> dict:
-    """Parse flags, build data and model, train; returns the run summary."""
-    cfg = config_lib.build_parser("imagenet").parse_args(argv)
-    loop.init_distributed(cfg)
+def _with_recipe(cfg):
     family = arch_family(cfg.arch)
     if family not in IMAGENET_FAMILIES:
-        raise ValueError(f"--arch {cfg.arch} is a CIFAR model; use train/cifar.py")
-    config_lib.apply_recipe(cfg, family)
+        raise ValueError(f"--arch {cfg.arch} is a CIFAR model; use train.cifar")
+    return config_lib.apply_recipe(cfg, family)
+
+
+def configure(**settings):
+    """The configuration of ``python -m train.imagenet`` with ``settings`` (argparse dests)
+    instead of flags, the recipe applied; checked like flags."""
+    return _with_recipe(config_lib.make("imagenet", **settings))
+
+
+def parse(argv=None):
+    """The configuration from command-line flags, the recipe applied."""
+    return _with_recipe(config_lib.build_parser("imagenet").parse_args(argv))
+
+
+def train(cfg) -> dict:
+    """Build data and model for ``cfg`` and train; returns the run summary."""
+    loop.init_distributed(cfg)
     data = build_data(cfg)
     import jax.numpy as jnp
 
@@ -65,5 +74,10 @@ def main(argv=None) -> dict:
     return loop.run(cfg, spec.module, spec.dense_layers, data, script="imagenet")
 
 
+def main(argv=None) -> dict:
+    """Parse flags, build data and model, train; returns the run summary."""
+    return train(parse(argv))
+
+
 if __name__ == "__main__":
-    main()
+    loop.cli(main, "python -m train.imagenet")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +36,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from train import config as config_lib
 from train import data as data_lib
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, CorruptCheckpoint
 
 # --------------------------------------------------------------------------------------------
 # Data description handed to the loop
@@ -84,17 +86,6 @@ class SparseHooks:
     export: Callable | None = None
 
 
-def _bimask_api():
-    """The wrapper API: ``bimask_jax`` once it re-exports ``sparse``, else ``bimask_jax.flax``."""
-    import bimask_jax
-
-    if hasattr(bimask_jax, "sparse"):
-        return bimask_jax
-    import bimask_jax.flax
-
-    return bimask_jax.flax
-
-
 def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> SparseHooks:
     """Wrap ``module`` for ``cfg.method`` with ``bimask_jax.sparse`` (``dense``: the plain module,
     same parameter tree).
@@ -105,7 +96,8 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
     the jitted step when ``step % refresh_every == 0`` (first at step 0, as the reference)."""
     if cfg.method == "dense":
         return SparseHooks(model=module, method="dense")
-    api = _bimask_api()
+    import bimask_jax as api
+
     model = api.sparse(
         module, n=cfg.n, m=cfg.m, method=cfg.method, num_candidates=cfg.num_candidates,
         refresh_every=cfg.refresh_every, decay=cfg.decay, exclude=tuple(dense_layers),
@@ -450,14 +442,162 @@ def default_run_dir(script: str, cfg) -> str:
     return os.path.join("runs", f"{script}-{cfg.arch}-{cfg.method}")
 
 
-def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: DataSpec,
-        *, script: str = "train") -> dict:
-    """Train ``module`` on ``data`` as ``cfg`` says; returns the summary dict (also the last
-    line of ``metrics.jsonl``). Checkpoints go to ``<run_dir>/checkpoints``."""
-    run_dir = cfg.run_dir or default_run_dir(script, cfg)
-    cfg.run_dir = run_dir
+class TrainError(RuntimeError):
+    """A run that cannot go on; the message says why (the scripts print it as the last line)."""
+
+
+class NonFiniteError(TrainError):
+    """The loss or the train state became NaN/inf; nothing non-finite was checkpointed."""
+
+
+def check_sparse_layers(module, cfg, dense_layers: Sequence[str], data: DataSpec) -> list[str]:
+    """Paths of the layers that can be N:M sparse at ``cfg.n:cfg.m``, from the plain module's
+    kernels (``jax.eval_shape``, no compute): a kernel (ndim >= 2) whose layer path matches no
+    ``dense_layers`` regex and whose input-channel axis (-2) is divisible by m. ValueError listing
+    every layer and why when none can be (e.g. ``--m 3`` or ``--m 64`` on a small model).
+
+    This mirrors the wrapper's selection rule for the models here (a depthwise kernel has one
+    input channel per group, so it fails the divisibility test unless m = 1)."""
+    sample = jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    shapes = jax.eval_shape(lambda: module.init({"params": key, "dropout": key}, sample,
+                                                train=False))["params"]
+    ok, why = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[-1] != "kernel" or len(leaf.shape) < 2:
+            continue
+        layer = "/".join(names[:-1])
+        cin = leaf.shape[-2]
+        if any(re.search(pat, layer) for pat in dense_layers):
+            why.append(f"{layer}: kept dense by the model's exclusions")
+        elif cin % cfg.m:
+            why.append(f"{layer}: input channels {cin} not divisible by m={cfg.m}")
+        else:
+            ok.append(layer)
+    if not ok:
+        raise ValueError(
+            f"--n/--m {cfg.n}:{cfg.m}: no layer of --arch {cfg.arch} can be N:M sparse (a sparse "
+            "layer needs its input channels divisible by m); per layer:\n  " + "\n  ".join(why))
+    return ok
+
+
+@jax.jit
+def _finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite(tree) -> bool:
+    """Whether every float array of ``tree`` is finite (one compiled reduction per structure)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(_finite(leaves)) if leaves else True
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between :func:`setup`, :func:`train_epoch` and
+    :func:`finish`: configuration, data, model hooks, compiled steps, the train state and the
+    data position (``epoch``, ``batch_in_epoch``: the next batch to read)."""
+
+    cfg: argparse.Namespace
+    script: str
+    module: Any
+    data: DataSpec
+    hooks: SparseHooks
+    log: Logger
+    ckpt: Checkpointer
+    spe: int
+    repl: Any
+    rows: Any
+    train_step: Callable
+    eval_step: Callable
+    state: Any
+    n_params: int
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_top1: float = -1.0
+    last_eval: dict | None = None
+    skipped_total: int = 0
+    stopped: bool = False
+    finished: bool = False
+    compiled: bool = False
+    t_start: float = 0.0
+
+    @property
+    def run_dir(self) -> str:
+        return self.cfg.run_dir
+
+    def meta(self, epoch: int, batch: int) -> dict:
+        return {"epoch": epoch, "batch_in_epoch": batch, "step": int(self.state["step"]),
+                "steps_per_epoch": self.spe, "best_top1": self.best_top1, "arch": self.cfg.arch,
+                "method": self.cfg.method, "seed": self.cfg.seed, "last_eval": self.last_eval,
+                "stopped": self.stopped, "config": config_lib.training_settings(self.cfg)}
+
+    def check_finite(self, where: str) -> None:
+        """NonFiniteError unless every float array of the train state is finite."""
+        if not _all_finite(self.state):
+            raise NonFiniteError(
+                f"the train state has NaN/inf values at step {int(self.state['step'])} ({where}): "
+                f"stopping without saving it; {self.last_checkpoint()}. Lower --lr or check the "
+                "data.")
+
+    def last_checkpoint(self) -> str:
+        step = self.ckpt.latest_step()
+        return ("no checkpoint was written" if step is None else
+                f"the newest checkpoint (step {step}) holds the last finite state")
+
+    def save(self, epoch: int, batch: int, *, best: bool = False) -> None:
+        self.check_finite("before a checkpoint")
+        self.ckpt.save(epoch * self.spe + batch, self.state, self.meta(epoch, batch), best=best)
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.log.close()
+
+
+def _stored_settings(run_dir: str, meta: dict) -> dict | None:
+    """The training settings a checkpoint was written with: its ``meta["config"]``, else (older
+    checkpoints) the run's ``config.json``; None when neither exists."""
+    if "config" in meta:
+        return meta["config"]
+    path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return config_lib.training_settings(json.load(f))
+    return None
+
+
+def check_resume_config(cfg, meta: dict, step: int) -> dict:
+    """``{key: (checkpoint value, this run's value)}`` of the differing training settings that
+    ``cfg.resume_override`` accepts; ValueError listing them when any other differs."""
+    stored = _stored_settings(cfg.run_dir, meta)
+    if stored is None:
+        return {}
+    current = config_lib.training_settings(cfg)
+    overrides = tuple(getattr(cfg, "resume_override", ()) or ())
+    unknown = sorted(set(overrides) - set(current))
+    if unknown:
+        raise ValueError(f"--resume-override: {unknown} are not training settings (they are: "
+                         f"{', '.join(sorted(current))})")
+    diff = config_lib.differences(stored, current)
+    refused = {k: v for k, v in diff.items() if k not in overrides}
+    if refused:
+        lines = "\n  ".join(f"--{k.replace('_', '-')}: {a!r} in the checkpoint, {b!r} now"
+                            for k, (a, b) in refused.items())
+        raise ValueError(
+            f"--resume: this run's settings differ from those of checkpoint {step} in "
+            f"{cfg.run_dir}:\n  {lines}\nresume with the same flags, or accept the change with "
+            f"--resume-override {','.join(refused)}")
+    return {k: v for k, v in diff.items() if k in overrides}
+
+
+def setup(cfg: argparse.Namespace, module, dense_layers: Sequence[str], data: DataSpec,
+          *, script: str = "train") -> Run:
+    """Check the configuration against the devices, data and model, build the optimizer, the
+    steps and the initial train state, or restore and check it (``--resume``)."""
+    cfg = argparse.Namespace(**{**vars(cfg), "run_dir": cfg.run_dir or default_run_dir(script, cfg)})
+    run_dir = cfg.run_dir
     devices = jax.devices()
-    nproc, pidx = jax.process_count(), jax.process_index()
     for name in ("batch_size", "eval_batch_size"):
         b = getattr(cfg, name)
         if b % len(devices):
@@ -467,6 +607,8 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
     if spe == 0:
         raise ValueError(f"the training set has {len(data.train_source)} images, fewer than one "
                          f"batch of {cfg.batch_size}")
+    if cfg.method != "dense":
+        check_sparse_layers(module, cfg, dense_layers, data)
     # Auto axis: classic GSPMD propagation (jax.make_mesh defaults to Explicit sharding-in-types,
     # which every op inside the model would then have to support).
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
@@ -474,143 +616,226 @@ def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: Da
     repl, rows_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
-    if cfg.resume and ckpt.latest_step() is None:
-        raise ValueError(f"--resume: no checkpoint in {run_dir!r}")
-    if not cfg.resume and ckpt.latest_step() is not None:
-        raise ValueError(f"run dir {run_dir!r} already holds checkpoints: pass --resume to "
-                         "continue that run, or choose another --run-dir")
-    log = Logger(run_dir, progress=not cfg.no_progress, tensorboard=cfg.tensorboard,
-                 enabled=pidx == 0)
-    hooks = sparsify(module, cfg, dense_layers)
-    schedule = lr_schedule(cfg, spe)
-    tx = make_optimizer(cfg, schedule)
+    log = None
+    try:
+        if cfg.resume and ckpt.latest_step() is None:
+            raise ValueError(f"--resume: no checkpoint in {run_dir!r}")
+        if not cfg.resume and ckpt.latest_step() is not None:
+            raise ValueError(f"run dir {run_dir!r} already holds checkpoints: pass --resume to "
+                             "continue that run, or choose another --run-dir")
+        log = Logger(run_dir, progress=not cfg.no_progress, tensorboard=cfg.tensorboard,
+                     enabled=jax.process_index() == 0)
+        hooks = sparsify(module, cfg, dense_layers)
+        schedule = lr_schedule(cfg, spe)
+        tx = make_optimizer(cfg, schedule)
+        key = jax.random.PRNGKey(cfg.seed)
+        k_init, k_train = jax.random.split(key)
+        sample = jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32)
 
-    key = jax.random.PRNGKey(cfg.seed)
-    k_init, k_train = jax.random.split(key)
-    sample = jnp.zeros((1, data.image_size, data.image_size, data.channels), jnp.float32)
+        def init_fn():
+            variables = dict(hooks.model.init({"params": k_init, "dropout": k_init}, sample,
+                                              train=False))
+            params = variables.pop("params")
+            return {"step": jnp.zeros((), jnp.int32), "params": params,
+                    "opt_state": tx.init(params), "model_state": variables, "rng": k_train}
 
-    def init_fn():
-        variables = hooks.model.init({"params": k_init, "dropout": k_init}, sample, train=False)
-        variables = dict(variables)
-        params = variables.pop("params")
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "model_state": variables, "rng": k_train}
+        # Initialisation runs once: compile it without backend optimisation (XLA:CPU spends tens
+        # of seconds optimising the unrolled threefry of every initializer otherwise).
+        state = _compile(jax.jit(init_fn, out_shardings=repl), fast=True)()
+        mutable = [c for c in state["model_state"] if c != "bimask"]
+        train_step = _compile(jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
+                                      in_shardings=(repl, rows_sh), out_shardings=(repl, repl),
+                                      donate_argnums=0), fast=cfg.fast_compile)
+        eval_step = _compile(jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows_sh),
+                                     out_shardings=repl), fast=cfg.fast_compile)
+        r = Run(cfg=cfg, script=script, module=module, data=data, hooks=hooks, log=log, ckpt=ckpt,
+                spe=spe, repl=repl, rows=rows_sh, train_step=train_step, eval_step=eval_step,
+                state=state, n_params=sum(int(np.prod(x.shape))
+                                          for x in jax.tree.leaves(state["params"])))
+        if cfg.resume:
+            _resume(r)
+        elif jax.process_index() == 0:
+            _write_config(run_dir, cfg)
+        return r
+    except BaseException:
+        ckpt.close()
+        if log is not None:
+            log.close()
+        raise
 
-    # Initialisation runs once: compile it without backend optimisation (XLA:CPU spends tens of
-    # seconds optimising the unrolled threefry of every initializer otherwise).
-    state = _compile(jax.jit(init_fn, out_shardings=repl), fast=True)()
-    mutable = [c for c in state["model_state"] if c != "bimask"]
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
-    epoch, batch_in_epoch, best_top1 = 0, 0, -1.0
-    if cfg.resume:
-        state, meta = ckpt.restore(state)
-        epoch, batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
-        best_top1 = float(meta.get("best_top1", -1.0))
-        if meta.get("steps_per_epoch") != spe:
-            raise ValueError(f"--resume: the checkpoint has {meta.get('steps_per_epoch')} steps per "
-                             f"epoch, this run {spe} (different data or batch size)")
-        log.print(f"resumed from step {int(state['step'])} (epoch {epoch + 1}, batch {batch_in_epoch})")
-    elif pidx == 0:
-        _write_config(run_dir, cfg)
+def _resume(r: Run) -> None:
+    """Restore the newest checkpoint that verifies into ``r`` after checking that this run's
+    training settings equal the checkpoint's (or are accepted by ``--resume-override``); record
+    the resume in metrics.jsonl and rewrite config.json with the settings now in force."""
+    cfg, latest = r.cfg, r.ckpt.latest_step()
+    try:  # settings first: a changed --width-mult is reported as such, not as a shape error
+        check_resume_config(cfg, r.ckpt.read_meta(latest), latest)
+    except CorruptCheckpoint:
+        pass  # restore() reports it and falls back
+    r.state, meta = r.ckpt.restore(r.state, report=r.log.print)
+    step = meta["restored_from"]
+    overrides = check_resume_config(cfg, meta, step)
+    if meta.get("steps_per_epoch") != r.spe:
+        raise ValueError(f"--resume: the checkpoint has {meta.get('steps_per_epoch')} steps per "
+                         f"epoch, this run {r.spe} (different data or batch size)")
+    r.epoch, r.batch_in_epoch = int(meta["epoch"]), int(meta["batch_in_epoch"])
+    r.best_top1 = float(meta.get("best_top1", -1.0))
+    r.last_eval = meta.get("last_eval")
+    r.finished = r.epoch >= cfg.epochs and not meta.get("stopped", False)
+    if r.finished:
+        r.log.print(f"the run in {cfg.run_dir} is already finished ({r.epoch} epochs, step "
+                    f"{int(r.state['step'])}): nothing to do (pass --epochs with "
+                    "--resume-override epochs to train on)")
+        return
+    r.log.record("resume", step=int(r.state["step"]), checkpoint=step,
+                 overrides={k: {"checkpoint": a, "now": b} for k, (a, b) in overrides.items()},
+                 skipped_corrupt=meta["skipped_corrupt"])
+    if jax.process_index() == 0:
+        _write_config(cfg.run_dir, cfg)
+    r.log.print(f"resumed from step {int(r.state['step'])} (epoch {r.epoch + 1}, batch "
+                f"{r.batch_in_epoch})" + (f"; settings changed: {sorted(overrides)}"
+                                          if overrides else ""))
 
-    train_step = _compile(jax.jit(make_train_step(hooks, tx, schedule, cfg, data, mutable),
-                                  in_shardings=(repl, rows_sh), out_shardings=(repl, repl),
-                                  donate_argnums=0), fast=cfg.fast_compile)
-    eval_step = _compile(jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows_sh),
-                                 out_shardings=repl), fast=cfg.fast_compile)
 
-    def meta_of(ep, b):
-        return {"epoch": ep, "batch_in_epoch": b, "step": int(state["step"]),
-                "steps_per_epoch": spe, "best_top1": best_top1, "arch": cfg.arch,
-                "method": cfg.method, "seed": cfg.seed}
-
-    log.print(f"{script}: {cfg.arch} ({n_params:,} params) method={cfg.method} "
-              f"{cfg.n}:{cfg.m} on {data.name} ({len(data.train_source)} train / "
-              f"{len(data.eval_source)} eval, {data.num_classes} classes); {len(devices)} device(s), "
-              f"{nproc} host(s); batch {cfg.batch_size}, {spe} steps/epoch, {cfg.epochs} epochs; "
-              f"run dir {run_dir}")
-    t_start, last_eval, skipped_total = time.time(), None, 0
-    stopped, compiled = False, False
-    while epoch < cfg.epochs and not stopped:
-        batches = data_lib.train_batches(
-            data.train_source, data.train_transform, global_batch=cfg.batch_size, seed=cfg.seed,
-            epoch=epoch, start_batch=batch_in_epoch, process_index=pidx, process_count=nproc,
-            workers=cfg.workers, prefetch=cfg.prefetch, repeats=cfg.repeated_aug)
-        acc_m, t_log, n_log, n_timed, step = None, time.time(), 0, 0, batch_in_epoch
-        for b, local in enumerate(batches, start=batch_in_epoch):
-            state, metrics = train_step(state, _global_batch(local, rows_sh))
-            acc_m = metrics if acc_m is None else jax.tree.map(jnp.add, acc_m, metrics)
-            n_log += 1
-            n_timed += 1
-            step = b + 1
-            if not compiled:  # img/s leaves out the first step of the run (compilation)
-                jax.block_until_ready(state)
-                compiled, t_log, n_timed = True, time.time(), 0
-            if step % cfg.log_every == 0 or step == spe:
-                m = _to_py(acc_m)
-                dt = time.time() - t_log
-                speed = n_timed * cfg.batch_size / dt if n_timed else float("nan")
-                vals = {"loss": m["loss"] / max(m["count"], 1), "acc": 100 * m["correct"] / max(
-                    m["count"], 1), "lr": m["lr"] / n_log, "img_per_s": speed}
-                skipped_total += int(m["invalid"])
-                log.bar(epoch, cfg.epochs, step, spe, loss=vals["loss"], acc=vals["acc"],
-                        lr=vals["lr"], **{"img/s": round(vals["img_per_s"], 1)})
-                log.record("train", step=int(epoch * spe + step), epoch=epoch + 1, **vals,
-                           skipped=int(m["invalid"]))
-                acc_m, t_log, n_log, n_timed = None, time.time(), 0, 0
-            global_step = epoch * spe + step
-            if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
-                stopped = True
-                log.print(f"stopping after step {global_step} (--stop-after-steps)")
-                if step < spe:  # mid-epoch: checkpoint here (at an epoch end: eval + save below)
-                    ckpt.save(global_step, state, meta_of(epoch, step))
-                break
-            if cfg.ckpt_every_steps and global_step % cfg.ckpt_every_steps == 0 and step < spe:
-                ckpt.save(global_step, state, meta_of(epoch, step))
-        if stopped and step < spe:
+def train_epoch(r: Run) -> None:
+    """Train from ``(r.epoch, r.batch_in_epoch)`` to the end of the epoch (or to
+    ``--stop-after-steps``), logging every ``--log-every`` steps (a non-finite loss stops the
+    run), then evaluate when due and checkpoint."""
+    cfg, spe, log, pidx = r.cfg, r.spe, r.log, jax.process_index()
+    epoch = r.epoch
+    batches = data_lib.train_batches(
+        r.data.train_source, r.data.train_transform, global_batch=cfg.batch_size, seed=cfg.seed,
+        epoch=epoch, start_batch=r.batch_in_epoch, process_index=pidx,
+        process_count=jax.process_count(), workers=cfg.workers, prefetch=cfg.prefetch,
+        repeats=cfg.repeated_aug)
+    acc_m, t_log, n_log, n_timed, step = None, time.time(), 0, 0, r.batch_in_epoch
+    for b, local in enumerate(batches, start=r.batch_in_epoch):
+        r.state, metrics = r.train_step(r.state, _global_batch(local, r.rows))
+        acc_m = metrics if acc_m is None else jax.tree.map(jnp.add, acc_m, metrics)
+        n_log += 1
+        n_timed += 1
+        step = b + 1
+        if not r.compiled:  # img/s leaves out the first step of the run (compilation)
+            jax.block_until_ready(r.state)
+            r.compiled, t_log, n_timed = True, time.time(), 0
+        global_step = epoch * spe + step
+        if step % cfg.log_every == 0 or step == spe:
+            m = _to_py(acc_m)
+            dt = time.time() - t_log
+            speed = n_timed * cfg.batch_size / dt if n_timed else float("nan")
+            vals = {"loss": m["loss"] / max(m["count"], 1), "acc": 100 * m["correct"] / max(
+                m["count"], 1), "lr": m["lr"] / n_log, "img_per_s": speed}
+            r.skipped_total += int(m["invalid"])
+            log.bar(epoch, cfg.epochs, step, spe, loss=vals["loss"], acc=vals["acc"],
+                    lr=vals["lr"], **{"img/s": round(vals["img_per_s"], 1)})
+            log.record("train", step=int(global_step), epoch=epoch + 1, **vals,
+                       skipped=int(m["invalid"]))
+            if not np.isfinite(vals["loss"]):
+                raise NonFiniteError(
+                    f"non-finite training loss ({vals['loss']}) in steps {global_step - n_log + 1}"
+                    f"-{global_step} (epoch {epoch + 1}, lr {vals['lr']:.4g}): stopping; "
+                    f"{r.last_checkpoint()}. Lower --lr or check the data.")
+            acc_m, t_log, n_log, n_timed = None, time.time(), 0, 0
+        if cfg.stop_after_steps and global_step >= cfg.stop_after_steps:
+            r.stopped = True
+            log.print(f"stopping after step {global_step} (--stop-after-steps)")
+            if step < spe:  # mid-epoch: checkpoint here (at an epoch end: eval + save below)
+                r.save(epoch, step)
+                return
             break
-        epoch, batch_in_epoch = epoch + 1, 0
-        is_best = False
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            last_eval = evaluate(eval_step, state, data, cfg, rows_sh)
-            is_best = last_eval["top1"] > best_top1
-            best_top1 = max(best_top1, last_eval["top1"])
-            log.record("eval", step=int(epoch * spe), epoch=epoch, **last_eval)
-            if hooks.summary is not None and hooks.method == "bimask":
-                log.record("sparsity", step=int(epoch * spe), epoch=epoch,
-                           **_mean_sparsity(hooks, state))
-            log.print(f"epoch {epoch}/{cfg.epochs}: val top-1 {last_eval['top1']:.2f}% "
-                      f"top-5 {last_eval['top5']:.2f}% loss {last_eval['loss']:.4f} "
-                      f"(best top-1 {best_top1:.2f}%)")
-        ckpt.save(epoch * spe, state, meta_of(epoch, 0), best=is_best)
-    ckpt.close()
+        if cfg.ckpt_every_steps and global_step % cfg.ckpt_every_steps == 0 and step < spe:
+            r.save(epoch, step)
+    r.epoch, r.batch_in_epoch = epoch + 1, 0
+    epoch = r.epoch
+    r.check_finite("at the end of an epoch")
+    is_best = False
+    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+        r.last_eval = evaluate(r.eval_step, r.state, r.data, cfg, r.rows)
+        is_best = r.last_eval["top1"] > r.best_top1
+        r.best_top1 = max(r.best_top1, r.last_eval["top1"])
+        log.record("eval", step=int(epoch * spe), epoch=epoch, **r.last_eval)
+        if r.hooks.summary is not None and r.hooks.method == "bimask":
+            log.record("sparsity", step=int(epoch * spe), epoch=epoch,
+                       **_mean_sparsity(r.hooks, r.state))
+        log.print(f"epoch {epoch}/{cfg.epochs}: val top-1 {r.last_eval['top1']:.2f}% "
+                  f"top-5 {r.last_eval['top5']:.2f}% loss {r.last_eval['loss']:.4f} "
+                  f"(best top-1 {r.best_top1:.2f}%)")
+    r.save(epoch, 0, best=is_best)
 
-    variables = {"params": state["params"], **state["model_state"]}
-    export_top1 = None
-    if hooks.summary is not None and not stopped:
-        rows = hooks.summary(hooks.model, variables, print_fn=log.print)
-        if pidx == 0:
-            with open(os.path.join(run_dir, "sparsity.json"), "w") as f:
-                json.dump(rows, f, indent=1, default=str)
-        export_top1 = _export(hooks, module, variables, run_dir, cfg, data, rows_sharding=rows_sh)
-    summary = {
-        "arch": cfg.arch, "method": cfg.method, "n": cfg.n, "m": cfg.m,
-        "epochs_done": epoch, "step": int(state["step"]), "params": n_params,
-        "final_top1": last_eval["top1"] if last_eval else None,
-        "final_top5": last_eval["top5"] if last_eval else None,
-        "best_top1": best_top1 if best_top1 >= 0 else None,
-        "export_top1": export_top1, "skipped_images": skipped_total,
-        "seconds": round(time.time() - t_start, 1),
-        "stopped_early": stopped, "run_dir": run_dir,
+
+def _summary(r: Run) -> dict:
+    return {
+        "arch": r.cfg.arch, "method": r.cfg.method, "n": r.cfg.n, "m": r.cfg.m,
+        "epochs_done": r.epoch, "step": int(r.state["step"]), "params": r.n_params,
+        "final_top1": r.last_eval["top1"] if r.last_eval else None,
+        "final_top5": r.last_eval["top5"] if r.last_eval else None,
+        "best_top1": r.best_top1 if r.best_top1 >= 0 else None,
     }
+
+
+def finish(r: Run) -> dict:
+    """Summary, sparsity.json and export (sparse methods, unless stopped early); the ``summary``
+    line of metrics.jsonl; returns the summary with ``state`` and ``hooks`` added."""
+    cfg, log = r.cfg, r.log
+    r.ckpt.wait()
+    variables = {"params": r.state["params"], **r.state["model_state"]}
+    export_top1 = None
+    if r.hooks.summary is not None and not r.stopped:
+        rows = r.hooks.summary(r.hooks.model, variables, print_fn=log.print)
+        if jax.process_index() == 0:
+            with open(os.path.join(r.run_dir, "sparsity.json"), "w") as f:
+                json.dump(rows, f, indent=1, default=str)
+        export_top1 = _export(r.hooks, r.module, variables, r.run_dir, cfg, r.data,
+                              rows_sharding=r.rows)
+    summary = {**_summary(r), "export_top1": export_top1, "skipped_images": r.skipped_total,
+               "seconds": round(time.time() - r.t_start, 1), "stopped_early": r.stopped,
+               "run_dir": r.run_dir}
     log.record("summary", **summary)
     top1 = "n/a" if summary["final_top1"] is None else f"{summary['final_top1']:.2f}%"
     best = "n/a" if summary["best_top1"] is None else f"{summary['best_top1']:.2f}%"
-    log.print(f"SUMMARY {cfg.arch} method={cfg.method} {cfg.n}:{cfg.m} epochs={epoch} "
+    log.print(f"SUMMARY {cfg.arch} method={cfg.method} {cfg.n}:{cfg.m} epochs={r.epoch} "
               f"step={summary['step']} final top-1 {top1} best top-1 {best} "
-              f"skipped {skipped_total} images, {summary['seconds']}s, run dir {run_dir}")
-    log.close()
-    summary["state"] = state
-    summary["hooks"] = hooks
-    return summary
+              f"skipped {r.skipped_total} images, {summary['seconds']}s, run dir {r.run_dir}")
+    return {**summary, "state": r.state, "hooks": r.hooks}
+
+
+def run(cfg: argparse.Namespace, module, dense_layers: tuple[str, ...], data: DataSpec,
+        *, script: str = "train") -> dict:
+    """Train ``module`` on ``data`` as ``cfg`` says (:func:`setup`, :func:`train_epoch` per
+    epoch, :func:`finish`); returns the summary dict (also the last line of ``metrics.jsonl``)
+    with the final ``state`` and ``hooks``. Checkpoints go to ``<run_dir>/checkpoints``. A
+    ``--resume`` of a finished run trains nothing, writes nothing and returns the checkpoint's
+    state with ``already_finished=True``."""
+    r = setup(cfg, module, dense_layers, data, script=script)
+    try:
+        if r.finished:
+            return {**_summary(r), "already_finished": True, "run_dir": r.run_dir,
+                    "state": r.state, "hooks": r.hooks}
+        data = r.data
+        r.log.print(
+            f"{script}: {r.cfg.arch} ({r.n_params:,} params) method={r.cfg.method} "
+            f"{r.cfg.n}:{r.cfg.m} on {data.name} ({len(data.train_source)} train / "
+            f"{len(data.eval_source)} eval, {data.num_classes} classes); {jax.device_count()} "
+            f"device(s), {jax.process_count()} host(s); batch {r.cfg.batch_size}, {r.spe} "
+            f"steps/epoch, {r.cfg.epochs} epochs; run dir {r.run_dir}")
+        r.t_start = time.time()
+        while r.epoch < r.cfg.epochs and not r.stopped:
+            train_epoch(r)
+        return finish(r)
+    finally:
+        r.close()
+
+
+def cli(main: Callable, prog: str) -> None:
+    """Run ``main()`` as a command: a configuration, data or checkpoint problem (ValueError) or
+    a run that cannot go on (:class:`TrainError`) ends with the reason as the last line of stderr
+    and exit code 2 or 1 (no traceback; set ``BIMASK_TRACEBACK=1`` for one)."""
+    try:
+        main()
+    except (ValueError, TrainError) as e:
+        if os.environ.get("BIMASK_TRACEBACK"):
+            raise
+        sys.stderr.flush()
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None

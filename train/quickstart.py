@@ -1,28 +1,25 @@
 """Quickstart: train a CIFAR-style ResNet-20 on scikit-learn's bundled 8x8 digits (1,797 real
 images, no download), dense and with Bi-Mask 2:4 sparsity, and print both accuracies.
 
-    python train/quickstart.py                    # about two minutes on a 2-core CPU
-    python train/quickstart.py --epochs 30 --methods dense srste transposable bimask
+    python -m train.quickstart                    # about two minutes on a 2-core CPU
+    python -m train.quickstart --epochs 30 --methods dense srste transposable bimask
 
-Same loop, optimizer and checkpoints as ``train/cifar.py`` (this is ``train/cifar.py --dataset
-digits`` with a short schedule); run directories go to a temporary folder unless ``--run-dir``.
+Same loop, optimizer and checkpoints as ``python -m train.cifar`` (this is ``train.cifar.train``
+on ``--dataset digits`` with a short schedule); run directories go to a temporary folder unless
+``--run-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train import cifar  # noqa: E402
+from train import cifar
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train/quickstart.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m train.quickstart", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["dense", "bimask"],
                    choices=["dense", "srste", "transposable", "bimask"])
@@ -43,13 +40,13 @@ def main(argv=None) -> dict[str, dict]:
     parent = q.run_dir or tempfile.mkdtemp(prefix="bimask-quickstart-")
     results = {}
     for method in q.methods:
-        argv_m = ["--dataset", "digits", "--arch", q.arch, "--method", method,
-                  "--epochs", str(q.epochs), "--batch-size", str(q.batch_size), "--lr", str(q.lr),
-                  "--weight-decay", str(q.weight_decay), "--refresh-every", str(q.refresh_every),
-                  "--seed", str(q.seed), "--log-every", "1000", "--eval-every", str(q.epochs),
-                  "--run-dir", os.path.join(parent, method)]
+        cfg = cifar.configure(
+            dataset="digits", arch=q.arch, method=method, epochs=q.epochs,
+            batch_size=q.batch_size, lr=q.lr, weight_decay=q.weight_decay,
+            refresh_every=q.refresh_every, seed=q.seed, log_every=1000, eval_every=q.epochs,
+            run_dir=os.path.join(parent, method))
         print(f"\n=== {method} ===", flush=True)
-        results[method] = cifar.main(argv_m)
+        results[method] = cifar.train(cfg)
     print(f"\nquickstart: {q.arch} on sklearn digits (8x8, 10 classes), {q.epochs} epochs, "
           f"batch {q.batch_size}; run dirs under {parent}")
     print(f"{'method':<14}{'top-1':>8}{'top-5':>8}{'seconds':>9}")
@@ -59,4 +56,6 @@ def main(argv=None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from train import loop
+
+    loop.cli(main, "python -m train.quickstart")

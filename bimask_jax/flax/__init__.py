@@ -1,26 +1,33 @@
 """Bi-Mask for unmodified Flax models (linen and nnx): :func:`sparse`, :func:`refresh`,
-:func:`refresh_due`, :func:`maybe_refresh`, :func:`summary`, :func:`export`.
+:func:`refresh_due`, :func:`maybe_refresh`, :func:`layers`, :func:`summary`, :func:`export`.
 
-Modules: ``config`` (options), ``selection`` (which layers, which method), ``layer`` (per-layer
-masks, products and refresh, framework-free), ``linen`` (interception wrapper), ``nnx`` (in-place
-op swap and :class:`BimaskState`), ``state`` (refresh schedule), ``summary`` (report and export).
+Modules: ``config`` (options), ``selection`` (which layers, which method), ``layer`` (the per-layer
+record, masks, products and search, framework-free), ``linen`` (interception wrapper) and ``nnx``
+(in-place op swap and :class:`BimaskState`): the two front ends, each also reading and writing its
+state; ``state`` (the one state representation and its refresh), ``summary`` (report and export).
 """
 
 from bimask_jax.flax.api import sparse
 from bimask_jax.flax.config import SparseConfig
+from bimask_jax.flax.layer import new_record
 from bimask_jax.flax.linen import Sparse
 from bimask_jax.flax.nnx import BimaskState
-from bimask_jax.flax.state import maybe_refresh, refresh, refresh_due
-from bimask_jax.flax.summary import export, summary
+from bimask_jax.flax.selection import Layer
+from bimask_jax.flax.state import maybe_refresh, refresh, refresh_due, refresh_state
+from bimask_jax.flax.summary import export, layers, summary
 
 __all__ = [
     "BimaskState",
+    "Layer",
     "Sparse",
     "SparseConfig",
     "export",
+    "layers",
     "maybe_refresh",
+    "new_record",
     "refresh",
     "refresh_due",
+    "refresh_state",
     "sparse",
     "summary",
 ]

@@ -13,7 +13,7 @@ from bimask_jax.flax.config import SparseConfig
 def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candidates: int = 100,
            refresh_every: int = 100, decay: float = 2e-4, exclude=None, include=None,
            backend: str = "xla", chunk_size: int | None = None, search: str = "auto",
-           search_iterations: int = 100):
+           search_iterations: int = 100, k_order: str = "hwi"):
     """Bi-Mask N:M sparse training for an unmodified Flax model.
 
     Every Dense/DenseGeneral/Conv (linen) or Linear/LinearGeneral/Conv (nnx) layer selected by the
@@ -41,11 +41,15 @@ def sparse(model, n: int = 2, m: int = 4, method: str = "bimask", *, num_candida
         Default ``"auto"``: ``"stripe"`` for ``m <= 6`` (measured better and faster than the
         paper's random-100, see BENCHMARKS.md), else ``"random"``. ``num_candidates=0`` disables
         the search whatever ``search`` is (the no-permutation ablation).
+      k_order: ``"hwi"`` (default) or ``"ihw"``, how a conv kernel is read as the matrix whose
+        groups the masks take; ``"ihw"`` is the reference implementation's (PyTorch's
+        ``(Cin, kh, kw)`` flatten, groups may straddle channels, so a 3-channel stem can be sparse).
+        See :class:`~bimask_jax.flax.config.SparseConfig`.
     """
     cfg = SparseConfig(n=n, m=m, method=method, num_candidates=num_candidates,
                        refresh_every=refresh_every, decay=decay, exclude=exclude,
                        include=include, backend=backend, chunk_size=chunk_size, search=search,
-                       search_iterations=search_iterations)
+                       search_iterations=search_iterations, k_order=k_order)
     if isinstance(model, nn.Module):
         return _linen.Sparse(model, cfg)
     if isinstance(model, nnx.Module):

@@ -7,13 +7,12 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bimask_jax._checks import check_nm
+from bimask_jax._checks import K_ORDERS, check_nm
 from bimask_jax.local_search import STRIPE_MAX_M
 from bimask_jax.masks import METHODS
 from bimask_jax.permutation import SEARCH_METHODS
 
-# "pallas" routes Dense/DenseGeneral products to the 2:4 kernels (sparse_dense(backend="pallas"));
-# conv layers use a backend only if sparse_conv supports it (ops.BACKENDS), else "xla".
+# "pallas" routes products to the 2:4 kernels (sparse_dense/sparse_conv(backend="pallas")).
 BACKENDS = ("xla", "pallas")
 
 # A layer filter: regex pattern(s) searched in the layer path ("block1/conv2"), or a predicate
@@ -69,7 +68,16 @@ class SparseConfig:
         ``"auto"``: ``"stripe"`` when ``m <= 6``, else ``"random"`` -- at ResNet-50 and DeiT-S
         shapes stripe-100 keeps 1.5-3.7 points more of the forward mask than random-100 in less
         than half its time (BENCHMARKS.md, ``benchmarks/search.py``).
-        ``num_candidates=0`` turns every search off (the no-permutation ablation).
+        ``num_candidates=0`` turns every search off (the no-permutation ablation). A layer whose
+        groups straddle rows (``k_order="ihw"``, ``C % m != 0``) is searched with ``"random"``
+        whatever ``search`` is (the local searches need ``C % m == 0``; ``summary`` notes it).
+      k_order: how a conv kernel ``(*window, Cin, C)`` is read as the ``(K, C)`` matrix whose
+        groups the masks take (``bimask_jax.masks``). ``"hwi"`` (default): ``Cin`` fastest, forward
+        groups along ``Cin`` at each tap (what an NHWC 2:4 conv kernel needs). ``"ihw"``: the
+        reference implementation's (PyTorch's ``(Cin, kh, kw)`` flatten): groups of ``m``
+        consecutive entries of the flattened kernel, straddling output channels (forward) or rows
+        (backward) when ``K % m`` or ``C % m`` is not 0, so a layer needs only ``K * C % m == 0``
+        (the 3-channel stems become sparse, as in the reference). Dense layers read the same.
     """
 
     n: int = 2
@@ -84,6 +92,7 @@ class SparseConfig:
     chunk_size: int | None = None
     search: str = "auto"
     search_iterations: int = 100
+    k_order: str = "hwi"
 
     def __post_init__(self):
         n, m = check_nm(self.n, self.m)
@@ -113,5 +122,7 @@ class SparseConfig:
         it = self.search_iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ValueError(f"search_iterations must be a Python int >= 0, got {it!r}")
+        if self.k_order not in K_ORDERS:
+            raise ValueError(f"k_order must be one of {K_ORDERS}, got {self.k_order!r}")
         object.__setattr__(self, "exclude", _normalize_filter("exclude", self.exclude))
         object.__setattr__(self, "include", _normalize_filter("include", self.include))

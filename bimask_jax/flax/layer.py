@@ -2,9 +2,15 @@
 ``lax.dot_general``/``lax.conv_general_dilated`` inside Flax layers, and the per-layer refresh.
 
 A layer kernel has the input axes first and the output axes last. It is read as the matrix
-``(K, C)``: ``C`` is the product of the output axes, ``K`` of the input axes (row-major flatten;
-for a conv, window axes then ``Cin``). Kernels stacked by ``nn.scan``/``nnx.vmap`` carry extra
-leading axes; their permutations carry the same leading axes, ``perm.shape == (*stack, C)``.
+``(K, C)`` (:func:`layer_matrix`): ``C`` is the product of the output axes, ``K`` of the input axes,
+rows in ``k_order`` (``"hwi"``: row-major, for a conv window axes then ``Cin``; ``"ihw"``, the
+reference implementation's: a conv's ``Cin`` then window axes). Kernels stacked by
+``nn.scan``/``nnx.vmap`` carry extra leading axes; their permutations carry the same leading axes,
+``perm.shape == (*stack, C)``.
+
+The Bi-Mask state of a layer is a *record*: a dict of arrays, one per field, defined in one place
+(:func:`new_record`); linen keeps it in the ``"bimask"`` collection at the layer's path, nnx in
+:class:`~bimask_jax.flax.nnx.BimaskState` variables of the layer's op.
 """
 
 from __future__ import annotations
@@ -14,27 +20,158 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bimask_jax.masks import layer_masks
-from bimask_jax.ops import sparse_dense
-from bimask_jax.permutation import search_permutation
+from bimask_jax.ops import sparse_conv, sparse_dense
+from bimask_jax.permutation import default_chunk_size, search_permutation
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def kernel_masks(kernel, out_size: int, n: int, m: int, method: str, perm=None):
-    """``(fwd, bwd)`` bool masks of ``kernel.shape`` from the matrix view ``(K, out_size)``.
+def new_record(cfg, method: str, stack: tuple[int, ...], c: int) -> dict:
+    """The initial Bi-Mask state of one sparse layer with ``C = c`` output columns, stacked
+    ``stack`` times (``nn.scan``/``nnx.vmap``). Every field of the per-layer state is defined here
+    (name, shape, dtype, initial value); the rest of the wrapper creates, checks, refreshes and
+    checkpoints whatever this returns. ``cfg`` (:class:`SparseConfig`) and ``method`` (the layer's
+    effective method) are for fields that only some methods need.
+
+    Fields: ``perm`` int32 ``(*stack, C)``, the column permutation of the backward mask (identity);
+    ``refreshes`` int32 ``stack``, the number of refreshes applied to the layer.
+    """
+    del cfg, method  # every method has the same fields for now
+    return {"perm": jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (*stack, c)),
+            "refreshes": jnp.zeros(stack, jnp.int32)}
+
+
+def check_record(path: str, record: dict, cfg, method: str, kernel_shape, stack, c: int) -> None:
+    """Raises ValueError (naming the layer and the rule) unless ``record`` fits the layer: every
+    field of :func:`new_record` present with its shape and dtype kind (static, so also under jit),
+    and, where its value is concrete, ``perm`` a permutation of ``range(C)`` along its last axis."""
+    k = math.prod(kernel_shape[len(stack):]) // max(c, 1)
+    for name, want in jax.eval_shape(lambda: new_record(cfg, method, tuple(stack), c)).items():
+        got = record.get(name)
+        if got is None:
+            raise ValueError(f"layer {path!r}: its Bi-Mask state has no {name!r} field")
+        shape, dtype = tuple(np.shape(got)), jnp.result_type(got)
+        if shape != want.shape or getattr(dtype, "kind", 0) != getattr(want.dtype, "kind", 1):
+            raise ValueError(
+                f"layer {path!r}: Bi-Mask state {name!r} is {dtype}{list(shape)}, but this layer "
+                f"(kernel {tuple(kernel_shape)}, read as the ({k}, {c}) matrix"
+                f"{f' stacked {tuple(stack)}' if stack else ''}) needs {want.dtype}"
+                f"{list(want.shape)}: the state does not fit the layer (from another model?)"
+            )
+    perm = record["perm"]
+    if not isinstance(perm, jax.core.Tracer):
+        p = np.asarray(perm).reshape(-1, c)
+        bad = np.flatnonzero((np.sort(p, axis=-1) != np.arange(c)).any(-1))
+        if bad.size:
+            raise ValueError(
+                f"layer {path!r}: Bi-Mask state 'perm' must hold a permutation of 0..{c - 1} "
+                f"(each column index once), got {p[bad[0]].tolist()}"
+            )
+
+
+def safe_perm(perm):
+    """``perm`` (int ``(..., C)``) where each row is a permutation of ``range(C)``, else the
+    identity: the defined fallback for invalid incumbents that cannot be checked (traced)."""
+    c = perm.shape[-1]
+    ident = jnp.arange(c, dtype=perm.dtype)
+    ok = jnp.all(jnp.sort(perm, axis=-1) == ident, axis=-1, keepdims=True)
+    return jnp.where(ok, perm, ident)
+
+
+def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None,
+                       preferred_element_type=None, **kwargs):
+    """Drop-in ``lax.dot_general`` of a Dense/DenseGeneral/Linear/LinearGeneral layer.
+
+    ``resolve(kernel_shape, in_channels, C, reason) -> (method, perm)`` is the front end's hook:
+    it applies the selection rule (``reason``: why the product cannot be sparse, or ``""``) and
+    returns the layer's method (``"dense"``: the plain product) and permutation (``(C,)`` or None).
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    n_in = len(rc)
+    c = math.prod(rhs.shape[n_in:])
+    bad = lb or rb or tuple(rc) != tuple(range(n_in))
+    reason = f"unsupported dot_general dimension numbers {dimension_numbers}" if bad else ""
+    method, perm = resolve(rhs.shape, rhs.shape[n_in - 1], c, reason)
+    if method == "dense":
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+    fwd, bwd = kernel_masks(rhs, c, cfg.n, cfg.m, method, perm if method == "bimask" else None,
+                            cfg.k_order)
+    y = dense_general_product(lhs, rhs, lc, fwd, bwd, cfg.decay, precision=precision,
+                              perm=perm if cfg.backend != "xla" else None, backend=cfg.backend)
+    return y if preferred_element_type is None else y.astype(preferred_element_type)
+
+
+def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dilation=None,
+                        rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                        precision=None, preferred_element_type=None, **kwargs):
+    """Drop-in ``lax.conv_general_dilated`` of a Conv layer; ``resolve`` as in
+    :func:`sparse_dot_general` (only channels-last, ungrouped convs can be sparse)."""
+    ok = feature_group_count == 1 and is_channels_last(dimension_numbers, lhs.ndim)
+    reason = "" if ok else "unsupported conv configuration"
+    method, perm = resolve(rhs.shape, rhs.shape[-2], rhs.shape[-1], reason)
+    if method == "dense":
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision,
+            preferred_element_type=preferred_element_type, **kwargs,
+        )
+    fwd, bwd = kernel_masks(rhs, rhs.shape[-1], cfg.n, cfg.m, method,
+                            perm if method == "bimask" else None, cfg.k_order)
+    y = sparse_conv(
+        lhs, rhs, fwd, bwd, cfg.decay, strides=window_strides, padding=padding,
+        lhs_dilation=lhs_dilation if lhs_dilation is not None else 1,
+        rhs_dilation=rhs_dilation if rhs_dilation is not None else (1,) * (lhs.ndim - 2),
+        perm=perm if cfg.backend != "xla" else None, precision=precision,
+        backend=cfg.backend,
+    )
+    return y if preferred_element_type is None else y.astype(preferred_element_type)
+
+
+def _reads_ihw(inner, c: int, k_order: str) -> bool:
+    # "ihw" moves Cin in front of the window axes of a kernel (*window, Cin, C) with >= 1 window
+    # axis; a Dense kernel (K, C), or one with several output axes, is the same in both orders.
+    return k_order == "ihw" and len(inner) > 2 and inner[-1] == c
+
+
+def layer_matrix(kernel, c: int, k_order: str = "hwi", n_stack: int = 0):
+    """The ``(*stack, K, C)`` matrix of a kernel ``(*stack, *in_axes, *out_axes)`` whose output
+    axes hold ``c`` entries, rows in ``k_order`` (the module docstring); ``n_stack`` leading axes
+    are stack axes. :func:`from_layer_matrix` is its inverse."""
+    stack = kernel.shape[:n_stack]
+    if _reads_ihw(kernel.shape[n_stack:], c, k_order):
+        kernel = jnp.moveaxis(kernel, -2, n_stack)
+    return kernel.reshape(*stack, -1, c)
+
+
+def from_layer_matrix(mat, shape, c: int, k_order: str = "hwi", n_stack: int = 0):
+    """The array of kernel shape ``shape`` whose :func:`layer_matrix` is ``mat``."""
+    inner = tuple(shape[n_stack:])
+    if _reads_ihw(inner, c, k_order):
+        moved = (*shape[:n_stack], inner[-2], *inner[:-2], inner[-1])
+        return jnp.moveaxis(mat.reshape(moved), n_stack, -2)
+    return mat.reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 6))
+def kernel_masks(kernel, out_size: int, n: int, m: int, method: str, perm=None,
+                 k_order: str = "hwi"):
+    """``(fwd, bwd)`` bool masks of ``kernel.shape`` from its :func:`layer_matrix` ``(K, out_size)``.
 
     ``kernel``: floating ``(*in_axes, *out_axes)`` with ``prod(out_axes) == out_size`` and no stack
-    axes; ``perm``: int ``(out_size,)`` or None (identity). Jitted (one compile per shape when called
-    eagerly, e.g. in ``model.init``; inlined under an outer ``jit``).
+    axes; ``perm``: int ``(out_size,)`` or None (identity); ``k_order``: ``"hwi"`` or ``"ihw"``
+    (``layer_masks``' groups on the matrix). Jitted (one compile per shape when called eagerly,
+    e.g. in ``model.init``; inlined under an outer ``jit``).
     """
-    w2 = kernel.reshape(-1, out_size)
-    fwd, bwd = layer_masks(w2, n, m, method, perm)
-    return fwd.reshape(kernel.shape), bwd.reshape(kernel.shape)
+    w2 = layer_matrix(kernel, out_size, k_order)
+    fwd, bwd = layer_masks(w2, n, m, method, perm, k_order=k_order)
+    return tuple(from_layer_matrix(x, kernel.shape, out_size, k_order) for x in (fwd, bwd))
 
 
-def stacked_masks(kernel, perm, n: int, m: int, method: str):
+def stacked_masks(kernel, perm, n: int, m: int, method: str, k_order: str = "hwi"):
     """:func:`kernel_masks` over stacked layers: ``kernel (*stack, *kshape)``, ``perm (*stack, C)``.
 
     Returns ``(fwd, bwd)`` of ``kernel.shape`` (vmapped over the stack axes).
@@ -42,7 +179,7 @@ def stacked_masks(kernel, perm, n: int, m: int, method: str):
     c = perm.shape[-1]
 
     def one(k, p):
-        return kernel_masks(k, c, n, m, method, p)
+        return kernel_masks(k, c, n, m, method, p, k_order)
 
     fn = one
     for _ in range(perm.ndim - 1):
@@ -77,34 +214,23 @@ def dense_general_product(
     return y.reshape(*free, *kernel.shape[n_in:])
 
 
-def is_channels_last(dimension_numbers, ndim: int) -> bool:
+def is_channels_last(dn, ndim: int) -> bool:
     """Whether conv dimension numbers are Flax's channels-last ones (NHWC, HWIO, NHWC)."""
-    if dimension_numbers is None:
-        return False
-    spatial = tuple(range(1, ndim - 1))
-    want = lax.ConvDimensionNumbers(
-        lhs_spec=(0, ndim - 1, *spatial),
-        rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
-        out_spec=(0, ndim - 1, *spatial),
-    )
-    dn = dimension_numbers
-    if not isinstance(dn, lax.ConvDimensionNumbers):
-        return False
-    return tuple(map(tuple, dn)) == tuple(map(tuple, want))
+    sp = tuple(range(1, ndim - 1))
+    want = ((0, ndim - 1, *sp), (ndim - 1, ndim - 2, *range(ndim - 2)), (0, ndim - 1, *sp))
+    return isinstance(dn, lax.ConvDimensionNumbers) and tuple(map(tuple, dn)) == want
 
 
-# Budget for the gathered int8 forward masks of one vmapped chunk of a refresh group (bytes).
-_GROUP_CHUNK_BYTES = 64 * 2**20
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
 def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, chunk_size=None,
-                   search: str = "random", iterations: int = 64):
+                   search: str = "random", iterations: int = 64, k_order: str = "hwi"):
     """``search_permutation`` vmapped over ``S`` same-shape layers.
 
     Args:
-      keys: ``(S,)`` PRNG keys; kernels: floating ``(S, K, C)``; perms: int32 ``(S, C)`` incumbents.
-      chunk_size: candidates per chunk; None: keep ``S * chunk * K * C`` bytes <= 64 MiB.
+      keys: ``(S,)`` PRNG keys; kernels: floating ``(S, K, C)`` matrices (rows in ``k_order``);
+      perms: int32 ``(S, C)`` incumbents.
+      chunk_size: candidates per chunk; None: ``permutation.default_chunk_size`` for the ``S``
+        searches at once.
       search, iterations: ``search_permutation``'s ``method`` and (local searches) ``iterations``.
 
     Returns:
@@ -112,50 +238,55 @@ def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, ch
     """
     s, k, c = kernels.shape
     if chunk_size is None:
-        chunk_size = max(1, min(max(num_candidates, 1), _GROUP_CHUNK_BYTES // max(1, s * k * c)))
+        chunk_size = default_chunk_size(k, c, num_candidates, stack=s)
 
     def one(kk, w, p):
         if num_candidates == 0:  # the no-permutation ablation, whatever the search method
             return p
         if search != "random":
-            return search_permutation(kk, w, n, m, init=p, method=search, iterations=iterations)
-        return search_permutation(kk, w, n, m, num_candidates, init=p, chunk_size=chunk_size)
+            return search_permutation(kk, w, n, m, init=p, method=search, iterations=iterations,
+                                      k_order=k_order)
+        return search_permutation(kk, w, n, m, num_candidates, init=p, chunk_size=chunk_size,
+                                  k_order=k_order)
 
     return jax.vmap(one)(keys, kernels, perms).astype(jnp.int32)
 
 
 def refresh_layers(key, layers, n: int, m: int, num_candidates: int, chunk_size=None,
-                   search: str = "random", iterations: int = 64):
+                   iterations: int = 64, k_order: str = "hwi"):
     """One refresh of several (possibly stacked) layers: ``search_permutation`` on every kernel
-    with its current permutation as incumbent. Layers whose matrices have the same ``(K, C)`` are
-    searched together in one vmapped call (one compile per distinct shape).
+    with its current permutation as incumbent. Layers whose matrices have the same ``(K, C)`` and
+    search method are searched together in one vmapped call (one compile per distinct shape).
 
     Args:
       key: PRNG key. Layer ``i`` uses ``fold_in(key, i)``; a stacked layer splits that key over
         its stack (``(*stack)`` row-major).
-      layers: sequence of ``(kernel (*stack, *kshape), perm (*stack, C))``.
+      layers: sequence of ``(kernel (*stack, *kshape), perm (*stack, C), search)``, ``search`` the
+        layer's ``search_permutation`` method.
+      k_order: how kernels are read as matrices (:func:`layer_matrix`).
 
     Returns:
       list of new permutations, int32, shaped like the ``perm`` inputs.
     """
-    flat = []  # per layer: (keys (S,), kernels (S, K, C), perms (S, C))
-    for i, (kernel, perm) in enumerate(layers):
+    flat = []  # per layer: (keys (S,), matrices (S, K, C), perms (S, C), search)
+    for i, (kernel, perm, search) in enumerate(layers):
         c = perm.shape[-1]
         stack = perm.shape[:-1]
         size = math.prod(stack)
         lk = jax.random.fold_in(key, i)
         keys = jax.random.split(lk, size) if stack else lk[None]
-        w = kernel.reshape(size, -1, c)
-        flat.append((keys, w, perm.reshape(size, c)))
+        w = layer_matrix(kernel, c, k_order, len(stack)).reshape(size, -1, c)
+        flat.append((keys, w, perm.reshape(size, c), search))
     groups: dict[tuple, list[int]] = {}
-    for i, (_, w, _) in enumerate(flat):
-        groups.setdefault((w.shape[1:], w.dtype), []).append(i)
+    for i, (_, w, _, search) in enumerate(flat):
+        groups.setdefault((w.shape[1:], w.dtype, search), []).append(i)
     out: list = [None] * len(flat)
-    for idx in groups.values():
+    for (_, _, search), idx in groups.items():
         keys = jnp.concatenate([flat[i][0] for i in idx])
         ws = jnp.concatenate([flat[i][1] for i in idx])
         ps = jnp.concatenate([flat[i][2] for i in idx])
-        new = search_stacked(keys, ws, ps, n, m, num_candidates, chunk_size, search, iterations)
+        new = search_stacked(keys, ws, ps, n, m, num_candidates, chunk_size, search, iterations,
+                             k_order)
         start = 0
         for i in idx:
             size = flat[i][2].shape[0]

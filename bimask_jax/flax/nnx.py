@@ -1,113 +1,72 @@
 """Bi-Mask for nnx models: :func:`sparsify` replaces, in place, the ``dot_general`` of selected
 ``nnx.Linear``/``nnx.LinearGeneral`` layers and the ``conv_general_dilated`` of selected ``nnx.Conv``
-layers with small nnx modules (:class:`SparseDotGeneral`, :class:`SparseConvGeneral`) that run the
-sparse products and hold the layer's state in :class:`BimaskState` variables (``perm``,
-``refreshes``). Parameters keep their paths; the state appears at ``<layer>/<op attr>/perm``.
-Optimizers must update ``nnx.Param`` only (``nnx.Optimizer(model, tx, wrt=nnx.Param)``).
+layers with a small nnx module (:class:`SparseOp`) that runs the sparse product and holds the
+layer's record (:func:`~bimask_jax.flax.layer.new_record`) in :class:`BimaskState` variables at
+``<layer>/<op attr>/<field>``; parameters keep their paths. Optimizers must update ``nnx.Param``
+only (``nnx.Optimizer(model, tx, wrt=nnx.Param)``). Also reads and writes that state for
+:mod:`bimask_jax.flax.state`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from bimask_jax.flax import layer as _layer
 from bimask_jax.flax.config import SparseConfig
-from bimask_jax.flax.layer import dense_general_product, is_channels_last, kernel_masks
-from bimask_jax.flax.selection import Decision, name_skip_reason, shape_decision
-from bimask_jax.ops import BACKENDS as _CONV_BACKENDS
-from bimask_jax.ops import sparse_conv
+from bimask_jax.flax.layer import check_record, sparse_conv_general, sparse_dot_general
+from bimask_jax.flax.selection import Layer, decide, name_skip_reason, no_sparse_message
 
-SKIP_ATTR = "bimask_skipped"  # static str attribute set on candidate layers that stay dense
+LAYER_ATTR = "bimask_layer"  # static Layer set on every candidate layer by sparsify
 
 
 class BimaskState(nnx.Variable):
-    """Bi-Mask state of a sparse layer (never a ``nnx.Param``): int32 permutation / counter."""
+    """Bi-Mask state of a sparse layer (never a ``nnx.Param``): one field of its record."""
 
 
-class _SparseOp(nnx.Module):
-    """Common state of the op modules: static ``config``, ``method``, ``note``, ``kind``; per layer
-    ``perm`` (int32 ``(*stack, C)``) and ``refreshes`` (int32 ``stack``) as :class:`BimaskState`."""
+class SparseOp(nnx.Module):
+    """Drop-in ``dot_general`` (Linear/LinearGeneral, no batch axes) or ``conv_general_dilated``
+    (Conv: channels-last, no groups). Static ``config``, ``layer`` (:class:`Layer`), ``conv``; one
+    :class:`BimaskState` per record field (``perm`` int32 ``(*stack, C)``, ``refreshes``, ...)."""
 
-    def __init__(self, config: SparseConfig, kind: str, method: str, note: str, c: int,
-                 stack: tuple[int, ...]):
-        self.config = config
-        self.kind = kind
-        self.method = method
-        self.note = note
-        self.perm = BimaskState(jnp.tile(jnp.arange(c, dtype=jnp.int32), (*stack, 1)))
-        self.refreshes = BimaskState(jnp.zeros(stack, jnp.int32))
+    def __init__(self, config: SparseConfig, layer: Layer, conv: bool, c: int, stack: tuple):
+        self.config, self.layer, self.conv = config, layer, conv
+        record = _layer.new_record(config, layer.method, stack, c)
+        self.fields = tuple(record)
+        for name, value in record.items():
+            setattr(self, name, BimaskState(value))
 
-    def _masks(self, kernel, c: int):
-        perm = self.perm[...]
-        p = perm if self.method == "bimask" else None
-        fwd, bwd = kernel_masks(kernel, c, self.config.n, self.config.m, self.method, p)
-        return fwd, bwd, (perm if self.config.backend != "xla" else None)
+    def record(self) -> dict:
+        return {name: getattr(self, name)[...] for name in self.fields}
 
+    def _resolve(self, kernel_shape, cin, c, reason):
+        if reason:
+            raise ValueError(f"layer {self.layer.path!r}: {reason}")
+        if self.layer.method == "dense":
+            return "dense", None
+        record = self.record()
+        check_record(self.layer.path, record, self.config, self.layer.method, kernel_shape, (), c)
+        return self.layer.method, record["perm"]
 
-class SparseDotGeneral(_SparseOp):
-    """Drop-in ``dot_general`` of a Linear/LinearGeneral layer (no batch axes)."""
-
-    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                 out_sharding=None):
-        (lc, rc), _ = dimension_numbers
-        n_in = len(rc)
-        if self.method == "dense":
-            return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type,
-                                   out_sharding=out_sharding)
-        fwd, bwd, perm = self._masks(rhs, math.prod(rhs.shape[n_in:]))
-        y = dense_general_product(lhs, rhs, lc, fwd, bwd, self.config.decay, perm=perm,
-                                  precision=precision, backend=self.config.backend)
-        return y if preferred_element_type is None else y.astype(preferred_element_type)
+    def __call__(self, *args, **kwargs):
+        op = sparse_conv_general if self.conv else sparse_dot_general
+        return op(self.config, self._resolve, *args, **kwargs)
 
 
-class SparseConvGeneral(_SparseOp):
-    """Drop-in ``conv_general_dilated`` of a Conv layer (``feature_group_count == 1``)."""
-
-    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, precision=None,
-                 preferred_element_type=None, out_sharding=None):
-        if self.method == "dense":
-            return lax.conv_general_dilated(
-                lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count, precision=precision,
-                preferred_element_type=preferred_element_type, out_sharding=out_sharding,
-            )
-        if feature_group_count != 1 or not is_channels_last(dimension_numbers, lhs.ndim):
-            raise ValueError("SparseConvGeneral needs channels-last dimension numbers and no groups")
-        fwd, bwd, perm = self._masks(rhs, rhs.shape[-1])
-        nsp = lhs.ndim - 2
-        y = sparse_conv(
-            lhs, rhs, fwd, bwd, self.config.decay, strides=window_strides, padding=padding,
-            lhs_dilation=lhs_dilation if lhs_dilation is not None else 1,
-            rhs_dilation=rhs_dilation if rhs_dilation is not None else (1,) * nsp,
-            perm=perm, precision=precision,
-            backend=self.config.backend if self.config.backend in _CONV_BACKENDS else "xla",
-        )
-        return y if preferred_element_type is None else y.astype(preferred_element_type)
+_KINDS = ((nnx.LinearGeneral, "dot_general"), (nnx.Linear, "dot_general"),
+          (nnx.Conv, "conv_general_dilated"))
 
 
-_OP_ATTR = {nnx.Linear: "dot_general", nnx.LinearGeneral: "dot_general",
-            nnx.Conv: "conv_general_dilated"}
+def _op_attr(node) -> str | None:
+    return next((attr for t, attr in _KINDS if isinstance(node, t)), None)
 
 
-def _layer_kind(node):
-    for t in (nnx.LinearGeneral, nnx.Linear, nnx.Conv):
-        if isinstance(node, t):
-            return t
-    return None
-
-
-def _geometry(layer, kind):
-    """``(in_channels, C, kernel_ndim_without_stack, structural skip reason)`` of an nnx layer."""
-    if kind is nnx.Linear:
-        custom = layer.dot_general is not lax.dot_general
-        return layer.in_features, layer.out_features, 2, "custom dot_general" if custom else ""
-    if kind is nnx.LinearGeneral:
+def _geometry(layer):
+    """``(in_channels, C, kernel ndim without stack axes, structural skip reason)``."""
+    if isinstance(layer, nnx.LinearGeneral):
         reason = ""
         if layer.dot_general is not None or layer.dot_general_cls is not None:
             reason = "custom dot_general"
@@ -115,6 +74,9 @@ def _geometry(layer, kind):
             reason = f"LinearGeneral with batch_axis={dict(layer.batch_axis)}"
         ndim = len(layer.in_features) + len(layer.out_features) + len(layer.batch_axis)
         return layer.in_features[-1], math.prod(layer.out_features), ndim, reason
+    if isinstance(layer, nnx.Linear):
+        custom = layer.dot_general is not lax.dot_general
+        return layer.in_features, layer.out_features, 2, "custom dot_general" if custom else ""
     reason = ""
     if layer.conv_general_dilated is not lax.conv_general_dilated:
         reason = "custom conv_general_dilated"
@@ -124,63 +86,91 @@ def _geometry(layer, kind):
     return cin, layer.out_features, len(layer.kernel_size) + 2, reason
 
 
-def path_str(path) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def sparsify(model: nnx.Module, config: SparseConfig) -> nnx.Module:
     """Makes the selected layers of ``model`` sparse, in place; returns ``model``.
 
-    Raises ValueError if ``model`` was already made sparse.
+    Raises ValueError if ``model`` was already made sparse, or if no layer can be sparse (listing
+    each layer's reason; the model is then left unchanged).
     """
-    layers = [(p, node) for p, node in nnx.iter_graph(model) if _layer_kind(node) is not None]
-    for path, layer in layers:
-        kind = _layer_kind(layer)
-        attr = _OP_ATTR[kind]
-        if isinstance(getattr(layer, attr, None), _SparseOp) or hasattr(layer, SKIP_ATTR):
-            raise ValueError(f"layer {path_str(path)!r} is already handled by bimask_jax.sparse")
-    for path, layer in layers:
-        kind = _layer_kind(layer)
-        ps = path_str(path)
-        cin, c, ndim, reason = _geometry(layer, kind)
-        reason = name_skip_reason(config, ps, layer) or reason
-        dec = Decision(False, "", reason) if reason else shape_decision(config, cin, c)
-        if not dec.sparse:
-            setattr(layer, SKIP_ATTR, dec.reason)
+    plan = []
+    for path, layer in nnx.iter_graph(model):
+        attr = _op_attr(layer)
+        if attr is None:
             continue
-        kshape = layer.kernel.shape
-        stack = tuple(kshape[: len(kshape) - ndim])
-        op_cls = SparseConvGeneral if kind is nnx.Conv else SparseDotGeneral
-        op = op_cls(config, kind.__name__, dec.method, dec.reason, c, stack)
-        setattr(layer, _OP_ATTR[kind], nnx.data(op))
+        ps = "/".join(map(str, path))
+        if hasattr(layer, LAYER_ATTR):
+            raise ValueError(f"layer {ps!r} is already handled by bimask_jax.sparse")
+        cin, c, ndim, reason = _geometry(layer)
+        reason = name_skip_reason(config, ps, layer) or reason
+        kshape = tuple(layer.kernel.shape)
+        info = decide(config, ps, type(layer).__name__, kshape[len(kshape) - ndim:], cin, c,
+                      reason)
+        plan.append((layer, attr, info, c, kshape[: len(kshape) - ndim]))
+    if not any(info.sparse for _, _, info, _, _ in plan):
+        raise ValueError(no_sparse_message(config, [p[2] for p in plan]))
+    for layer, attr, info, c, stack in plan:
+        setattr(layer, LAYER_ATTR, info)
+        if info.sparse:
+            op = SparseOp(config, info, attr == "conv_general_dilated", c, stack)
+            setattr(layer, attr, nnx.data(op))
     return model
 
 
-def sparse_ops(model: nnx.Module) -> list[tuple[tuple, nnx.Module, _SparseOp]]:
-    """``(layer path, layer, op)`` of every sparse layer, sorted by path."""
+def _candidates(model):
+    """``(path tuple, layer, op or None)`` of every layer :func:`sparsify` saw, in graph order."""
     out = []
     for path, node in nnx.iter_graph(model):
-        kind = _layer_kind(node)
-        if kind is None:
-            continue
-        op = getattr(node, _OP_ATTR[kind], None)
-        if isinstance(op, _SparseOp):
-            out.append((tuple(path), node, op))
-    return sorted(out, key=lambda t: tuple(map(str, t[0])))
-
-
-def candidate_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module, _SparseOp | None]]:
-    """Every Linear/LinearGeneral/Conv in graph order: ``(path, layer, op or None)``."""
-    out = []
-    for path, node in nnx.iter_graph(model):
-        kind = _layer_kind(node)
-        if kind is not None:
-            op = getattr(node, _OP_ATTR[kind], None)
-            out.append((tuple(path), node, op if isinstance(op, _SparseOp) else None))
+        attr = _op_attr(node)
+        if attr is not None and hasattr(node, LAYER_ATTR):
+            op = getattr(node, attr)
+            out.append((tuple(path), node, op if isinstance(op, SparseOp) else None))
     return out
 
 
-def model_config(model: nnx.Module) -> SparseConfig | None:
-    """The :class:`SparseConfig` stored on the sparse layers of ``model`` (None if there are none)."""
-    ops = sparse_ops(model)
-    return ops[0][2].config if ops else None
+# ------------------------------------------------------------ state access (bimask_jax.flax.state)
+
+
+def _view(model, state):
+    """The model itself, or a clone updated with ``state`` (an ``nnx.State``) when given."""
+    if state is None:
+        return model
+    view = nnx.clone(model)
+    nnx.update(view, state)
+    return view
+
+
+def config(model) -> SparseConfig | None:
+    return next((op.config for _, _, op in _candidates(model) if op is not None), None)
+
+
+def read(model, state=None):
+    """``(records, kernels)`` of the sparse layers, keyed by layer path tuple."""
+    ops = [(p, layer, op) for p, layer, op in _candidates(_view(model, state)) if op is not None]
+    return ({p: op.record() for p, _, op in ops}, {p: layer.kernel[...] for p, layer, _ in ops})
+
+
+def write_state(model, state, records: dict):
+    """An ``nnx.State`` of every :class:`BimaskState`, with ``records`` applied."""
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(_view(model, state), BimaskState)):
+        path = tuple(path)
+        rec = records.get(path[:-2], {})
+        flat.append((path, var.replace(rec[path[-1]]) if path[-1] in rec else var))
+    return nnx.from_flat_state(flat)
+
+
+def write_kernels(model, state, kernels: dict):
+    """An ``nnx.State`` of every variable except :class:`BimaskState`, kernels replaced."""
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(_view(model, state), nnx.Not(BimaskState))):
+        path = tuple(path)
+        new = kernels.get(path[:-1]) if path[-1] == "kernel" else None
+        flat.append((path, var if new is None else var.replace(new)))
+    return nnx.from_flat_state(flat)
+
+
+def layers(model, state=None, sample_args=None, sample_kwargs=None) -> list:
+    """Every candidate layer in graph order (kernel shapes as stored now, with stack axes)."""
+    del sample_args, sample_kwargs
+    return [dataclasses.replace(getattr(layer, LAYER_ATTR), kernel_shape=tuple(layer.kernel.shape))
+            for _, layer, _ in _candidates(_view(model, state))]

@@ -1,21 +1,15 @@
-"""Permutation refresh of a sparse model: pure functions from (model, variables) to new state.
+"""The Bi-Mask state of a sparse model and its refresh: one representation for linen and nnx.
 
-Two ways to schedule it (paper: every 100 steps, first at step 0):
-
-* from the host, between jitted train steps::
-
-      if bimask_jax.refresh_due(step, 100):
-          variables = {**variables, "bimask": refresh_jit(jax.random.fold_in(key, step), variables)}
-
-  with ``refresh_jit = jax.jit(lambda k, v: bimask_jax.refresh(k, model, v))``;
-* inside the jitted train step: ``new = bimask_jax.maybe_refresh(key, model, variables, step)``
-  (a ``lax.cond`` on ``refresh_due(step, refresh_every)``; ``step`` may be a traced int).
-
-For nnx models the result is an ``nnx.State`` of :class:`BimaskState` to apply with
-``nnx.update(model, new_state)``.
+The state is ``{layer path tuple: record}`` (a record is the dict of :func:`new_record`), read
+from and written back to the framework's own storage by the front end (:mod:`.linen`: the
+``"bimask"`` collection; :mod:`.nnx`: :class:`BimaskState` variables). :func:`refresh_state` is
+the one pure refresh over it; :func:`refresh` (from the host, between jitted steps, when
+:func:`refresh_due`) and :func:`maybe_refresh` (inside a jitted step) wrap it for a model.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,92 +18,101 @@ from flax import nnx
 from bimask_jax.flax import linen as _linen
 from bimask_jax.flax import nnx as _nnx
 from bimask_jax.flax.config import SparseConfig
-from bimask_jax.flax.layer import refresh_layers
-from bimask_jax.flax.selection import effective_method
+from bimask_jax.flax.layer import check_record, refresh_layers, safe_perm
+from bimask_jax.flax.selection import effective_method, search_method
 
 
-def is_linen(model) -> bool:
-    return isinstance(model, _linen.Sparse)
+def frontend(model):
+    """The front-end module (:mod:`.linen` or :mod:`.nnx`) that stores ``model``'s state."""
+    if isinstance(model, _linen.Sparse):
+        return _linen
+    if isinstance(model, nnx.Module):
+        return _nnx
+    raise ValueError(
+        "model must be the result of bimask_jax.sparse(...): a linen module it returned or an "
+        f"nnx module it modified, got {type(model).__name__}"
+    )
 
 
-def check_model(model) -> None:
-    if not (is_linen(model) or isinstance(model, nnx.Module)):
-        raise ValueError(
-            "model must be the result of bimask_jax.sparse(...): a linen module it returned or an "
-            f"nnx module it modified, got {type(model).__name__}"
-        )
+def geometry(cfg: SparseConfig, path: tuple, record: dict, kernel) -> tuple[str, tuple, int]:
+    """``(method, stack, C)`` of a sparse layer from its record and kernel ``(*stack, *kshape)``,
+    after checking the record fits the kernel (:func:`check_record`; ValueError naming the layer).
 
-
-def config_of(model) -> SparseConfig | None:
-    check_model(model)
-    if is_linen(model):
-        return model.config
-    return _nnx.model_config(model)
-
-
-def nnx_view(model, state=None):
-    """The nnx model itself, or a clone updated with ``state`` (an ``nnx.State``) when given."""
-    if state is None:
-        return model
-    view = nnx.clone(model)
-    nnx.update(view, state)
-    return view
-
-
-def entries(model, variables=None) -> list[dict]:
-    """Sparse layers, sorted by path: dicts with ``path`` (tuple), ``kernel`` (``(*stack, *kshape)``),
-    ``perm`` (``(*stack, C)``), ``refreshes`` (``stack``), ``method`` (effective method)."""
-    check_model(model)
-    if is_linen(model):
-        if variables is None:
-            raise ValueError("variables are required for a linen model")
-        out = _linen.layer_entries(model, variables)
-        for e in out:
-            e["method"] = effective_method(model.config, e["perm"].shape[-1])[0]
-        return out
-    view = nnx_view(model, variables)
-    return [
-        dict(path=path, kernel=layer.kernel[...], perm=op.perm[...], refreshes=op.refreshes[...],
-             method=op.method)
-        for path, layer, op in _nnx.sparse_ops(view)
-    ]
-
-
-def _write(model, variables, updates: dict):
-    if is_linen(model):
-        return _linen.write_state(variables, updates)
-    view = nnx_view(model, variables)
-    attr = {path: type(op) for path, _, op in _nnx.sparse_ops(view)}
-    flat = []
-    for path, var in nnx.to_flat_state(nnx.state(view, _nnx.BimaskState)):
-        path = tuple(path)
-        layer_path, name = path[:-2], path[-1]
-        if layer_path in updates and layer_path in attr and name in ("perm", "refreshes"):
-            var = var.replace(updates[layer_path][0 if name == "perm" else 1])
-        flat.append((path, var))
-    return nnx.from_flat_state(flat)
-
-
-def _refresh_arrays(key, ents, cfg: SparseConfig):
-    """``{path: (perm, refreshes)}`` after one refresh; pure in the arrays of ``ents``.
-
-    Only ``"bimask"`` layers are searched (``dense``/``srste``/``transposable`` and srste fallbacks
-    have no permutation); every layer's counter is incremented. Layer ``i`` of the searched ones,
-    in sorted path order, uses ``fold_in(key, i)``.
+    ``stack = perm.shape[:-1]`` and ``C = perm.shape[-1]`` must match the kernel: its leading axes
+    equal ``stack`` and ``C`` is the product of some of its last axes, leaving at least one input
+    axis. (Inside the products the check is exact: ``C`` is the layer's own output size.)
     """
-    searched = [e for e in ents if e["method"] == "bimask"]
-    new = refresh_layers(key, [(e["kernel"], e["perm"]) for e in searched], cfg.n, cfg.m,
-                         cfg.num_candidates, cfg.chunk_size, cfg.search, cfg.search_iterations)
-    perms = {e["path"]: p for e, p in zip(searched, new, strict=True)}
-    return {e["path"]: (perms.get(e["path"], e["perm"]), e["refreshes"] + 1) for e in ents}
+    ps = "/".join(map(str, path))
+    perm = record.get("perm")
+    if perm is None or jnp.ndim(perm) < 1:
+        raise ValueError(f"layer {ps!r}: Bi-Mask state needs a 'perm' of shape (*stack, C)")
+    stack, c = tuple(jnp.shape(perm)[:-1]), jnp.shape(perm)[-1]
+    ks = tuple(kernel.shape)
+    inner = ks[len(stack):]
+    outs = {math.prod(inner[j:]) for j in range(1, len(inner))}
+    if ks[: len(stack)] != stack or c not in outs:
+        raise ValueError(
+            f"layer {ps!r}: Bi-Mask state 'perm' has shape {tuple(jnp.shape(perm))}, which does "
+            f"not fit its kernel {ks}: it needs (*stack, C) with the kernel's stack axes and C the "
+            f"size of its output axes (one of {sorted(outs)}); the state is from another model?"
+        )
+    method = effective_method(cfg, c, math.prod(inner) // c)[0]
+    check_record(ps, record, cfg, method, ks, stack, c)
+    return method, stack, c
 
 
-def current_state(model, variables=None):
-    """The model's Bi-Mask state as :func:`refresh` returns it (no search)."""
-    check_model(model)
-    if is_linen(model):
-        return variables[_linen.COLLECTION]
-    return nnx.state(nnx_view(model, variables), _nnx.BimaskState)
+def _key(path):
+    return tuple(map(str, path))
+
+
+def read(model, variables):
+    """``(config, {path: record}, {path: kernel})`` of a sparse model's layers, checked."""
+    fe = frontend(model)
+    cfg = fe.config(model)
+    records, kernels = fe.read(model, variables) if cfg is not None else ({}, {})
+    if not records:
+        raise ValueError(
+            "no layer of this model has Bi-Mask state: "
+            + ("pass the variables returned by model.init(...) of the bimask_jax.sparse model "
+               "(init creates the 'bimask' collection, or raises saying why no layer can be sparse)"
+               if fe is _linen else
+               "it was not made sparse by bimask_jax.sparse (which raises, saying why per "
+               "layer, when no layer can be sparse)")
+        )
+    for p in records:
+        geometry(cfg, p, records[p], kernels[p])
+    return cfg, records, kernels
+
+
+def _method(cfg: SparseConfig, record: dict, kernel) -> str:
+    """The effective method of a layer from its ``(*stack, C)`` perm and ``(*stack, *kshape)``
+    kernel."""
+    perm = record["perm"]
+    k = math.prod(kernel.shape[perm.ndim - 1:]) // perm.shape[-1]
+    return effective_method(cfg, perm.shape[-1], k)[0]
+
+
+def refresh_state(key, cfg: SparseConfig, records: dict, kernels: dict) -> dict:
+    """One refresh, pure in its arrays: ``search_permutation`` on every ``"bimask"`` layer with its
+    current permutation as the incumbent (an incumbent that is not a permutation, possible only
+    under ``jit`` where it cannot be checked, is replaced by the identity); every layer's
+    ``refreshes`` is incremented and its other fields kept. Layer ``i`` of the searched ones, in
+    sorted path order, uses ``fold_in(key, i)`` (stacked layers a split of it).
+
+    Args:
+      records: ``{layer path tuple: record}``; kernels: ``{layer path tuple: kernel}``, with
+        ``(*stack, *kshape)`` kernels and ``(*stack, C)`` perms (checked by :func:`geometry`).
+    """
+    paths = sorted(records, key=_key)
+    searched = [p for p in paths if _method(cfg, records[p], kernels[p]) == "bimask"]
+    new = refresh_layers(
+        key, [(kernels[p], safe_perm(records[p]["perm"]),
+               search_method(cfg, records[p]["perm"].shape[-1])[0]) for p in searched],
+        cfg.n, cfg.m, cfg.num_candidates, cfg.chunk_size, cfg.search_iterations, cfg.k_order)
+    out = {p: {**records[p], "refreshes": records[p]["refreshes"] + 1} for p in paths}
+    for p, perm in zip(searched, new, strict=True):
+        out[p]["perm"] = perm
+    return out
 
 
 def refresh(key, model, variables=None):
@@ -129,12 +132,13 @@ def refresh(key, model, variables=None):
       the best permutation found and ``refreshes`` is incremented (also for layers without a
       permutation search: ``srste``/``transposable``/``dense``/fallbacks keep their ``perm``).
       Pure: the same inputs give the same output, on every device.
+
+    Raises:
+      ValueError: a layer's state does not fit it (shape, or a concrete ``perm`` that is not a
+        permutation), or no layer has state.
     """
-    cfg = config_of(model)
-    ents = entries(model, variables)
-    if cfg is None or not ents:
-        return current_state(model, variables)
-    return _write(model, variables, _refresh_arrays(key, ents, cfg))
+    cfg, records, kernels = read(model, variables)
+    return frontend(model).write_state(model, variables, refresh_state(key, cfg, records, kernels))
 
 
 def refresh_due(step, refresh_every: int):
@@ -162,22 +166,17 @@ def maybe_refresh(key, model, variables=None, step=0, *, refresh_every: int | No
     ``step`` (e.g. inside a jitted train step) it is a ``lax.cond``, so the search runs only on due
     steps. The key is used as given: fold the step in yourself (``fold_in(key, step)``).
     """
-    cfg = config_of(model)
-    every = refresh_every if refresh_every is not None else (cfg.refresh_every if cfg else 1)
-    due = refresh_due(step, every)
+    cfg, records, kernels = read(model, variables)
+    due = refresh_due(step, refresh_every if refresh_every is not None else cfg.refresh_every)
     if isinstance(due, bool):
-        return refresh(key, model, variables) if due else current_state(model, variables)
-    ents = entries(model, variables)
-    if cfg is None or not ents:
-        return current_state(model, variables)
-    arrays = [{k: e[k] for k in ("kernel", "perm", "refreshes")} for e in ents]
-    static = [{k: e[k] for k in ("path", "method")} for e in ents]
+        new = refresh_state(key, cfg, records, kernels) if due else records
+    else:
+        paths = sorted(records, key=_key)  # a list: nnx paths may mix int and str keys
 
-    def run(key, arrays):
-        return _refresh_arrays(key, [{**s, **a} for s, a in zip(static, arrays, strict=True)], cfg)
+        def run(k, recs):
+            out = refresh_state(k, cfg, dict(zip(paths, recs, strict=True)), kernels)
+            return [out[p] for p in paths]
 
-    def keep(key, arrays):
-        return {s["path"]: (a["perm"], a["refreshes"]) for s, a in zip(static, arrays, strict=True)}
-
-    updates = jax.lax.cond(due, run, keep, key, arrays)
-    return _write(model, variables, updates)
+        recs = jax.lax.cond(due, run, lambda k, recs: recs, key, [records[p] for p in paths])
+        new = dict(zip(paths, recs, strict=True))
+    return frontend(model).write_state(model, variables, new)

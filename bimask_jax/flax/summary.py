@@ -1,122 +1,53 @@
-"""Inspecting and exporting a sparse model: :func:`summary` (per-layer table and data) and
-:func:`export` (plain variables with the forward masks applied, for the unwrapped model)."""
+"""Inspecting and exporting a sparse model: :func:`layers` (the selection, per layer),
+:func:`summary` (per-layer table and data) and :func:`export` (plain variables with the forward
+masks applied, for the unwrapped model). One code path over the state of :mod:`.state`."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax.core import meta
 
-from bimask_jax.flax import linen as _linen
-from bimask_jax.flax import nnx as _nnx
-from bimask_jax.flax.layer import stacked_masks
-from bimask_jax.flax.state import config_of, entries, is_linen, nnx_view
-from bimask_jax.permutation import retained_upper_bound, search_efficacy
+from bimask_jax.flax.layer import layer_matrix, stacked_masks
+from bimask_jax.flax.selection import effective_method, search_method
+from bimask_jax.flax.state import frontend, geometry, read
+from bimask_jax.permutation import permutation_score, retained_upper_bound, search_efficacy
 
-_COLUMNS = (
-    "path",
-    "kind",
-    "kernel_shape",
-    "status",
-    "method",
-    "fwd_density",
-    "bwd_density",
-    "bwd_retained",
-    "efficacy",
-    "note",
-)
+_COLUMNS = ("path", "kind", "kernel_shape", "status", "method", "fwd_density", "bwd_density",
+            "bwd_retained", "efficacy", "note")
 
 
-def _stats(e, n: int, m: int) -> dict:
-    """Mask statistics of one (possibly stacked) sparse layer entry."""
-    fwd, bwd = stacked_masks(e["kernel"], e["perm"], n, m, e["method"])
-    f = int(jnp.sum(fwd))
-    b = int(jnp.sum(bwd))
-    out = dict(
-        fwd_density=f / fwd.size,
-        bwd_density=b / bwd.size,
-        bwd_retained=(b / f) if f else 0.0,
-        efficacy=None,
-    )
-    if e["method"] == "bimask":
-        c = fwd.shape[-1]
-        # identity permutation: groups are m consecutive columns
-        ident = int(jnp.minimum(fwd.reshape(-1, c // m, m).sum(-1), n).sum())
-        upper = int(retained_upper_bound(fwd.reshape(-1, c), n, m))
+def layers(model, variables=None, *, sample_args=None, sample_kwargs=None):
+    """Every Dense/DenseGeneral/Conv (linen) or Linear/LinearGeneral/Conv (nnx) layer of a model
+    from :func:`bimask_jax.sparse` and the selection rule's outcome for it, as
+    :class:`~bimask_jax.flax.selection.Layer` (``path``, ``kind``, ``kernel_shape``, ``sparse``,
+    ``method``, ``note``: why a layer is skipped), in call (linen) or graph (nnx) order.
+
+    linen: needs ``sample_args`` (and ``sample_kwargs``), inputs of the model, traced abstractly
+    (``jax.eval_shape``, nothing is computed); ``variables`` is not used. This does not raise when
+    no layer can be sparse (``init`` does): it tells why, per layer. nnx: ``variables`` is an
+    optional ``nnx.State``; no inputs are needed.
+    """
+    fe = frontend(model)
+    if fe.__name__.endswith("linen") and sample_args is None:
+        raise ValueError("layers of a linen model: pass sample_args (model inputs, e.g. (x,))")
+    return fe.layers(model, variables, sample_args, sample_kwargs)
+
+
+def _stats(kernel, perm, method: str, n: int, m: int, k_order: str) -> dict:
+    """Mask statistics of one (possibly stacked) sparse layer."""
+    fwd, bwd = stacked_masks(kernel, perm, n, m, method, k_order)
+    f, b = int(jnp.sum(fwd)), int(jnp.sum(bwd))
+    out = dict(fwd_density=f / fwd.size, bwd_density=b / bwd.size,
+               bwd_retained=(b / f) if f else 0.0, efficacy=None)
+    if method == "bimask":
+        c = perm.shape[-1]
+        # the stacked matrices as one (S * K, C): each has K * C % m == 0 entries, so no group
+        # (m consecutive entries, row-major, when they straddle rows) crosses two of them
+        mat = layer_matrix(fwd, c, k_order, perm.ndim - 1).reshape(-1, c)
+        ident = int(permutation_score(mat.astype(jnp.float32), mat, jnp.arange(c), n, m,
+                                      k_order=k_order))
+        upper = int(retained_upper_bound(mat, n, m, k_order=k_order))
         out["efficacy"] = float(search_efficacy(b, ident, upper))
     return out
-
-
-def _kernel_shape(params, path):
-    try:
-        node = params
-        for k in path:
-            node = node[k]
-        return tuple(meta.unbox(node["kernel"]).shape)
-    except (KeyError, TypeError):
-        return None
-
-
-def _linen_rows(model, variables, sample_args, sample_kwargs):
-    rec = model.recorder
-    if not rec.layers and sample_args is not None:
-        jax.eval_shape(
-            lambda v: model.apply(v, *sample_args, mutable=True, **(sample_kwargs or {})), variables
-        )
-    cfg = model.config
-    ents = {"/".join(map(str, e["path"])): e for e in entries(model, variables)}
-    rows = []
-    order = list(rec.layers) + [p for p in ents if p not in rec.layers]
-    for p in order:
-        info = rec.layers.get(p, {})
-        e = ents.get(p)
-        path = tuple(p.split("/")) if p else ()
-        row = dict(
-            path=p,
-            kind=info.get("kind", "?"),
-            kernel_shape=_kernel_shape(variables.get("params", {}), path)
-            or info.get("kernel_shape"),
-        )
-        if e is not None:
-            row.update(
-                status="sparse",
-                method=e["method"],
-                note=info.get("reason", ""),
-                **_stats(e, cfg.n, cfg.m),
-            )
-        else:
-            row.update(status="skipped", method="", note=info.get("reason", ""))
-        rows.append(row)
-    return rows
-
-
-def _nnx_rows(model, state):
-    view = nnx_view(model, state)
-    ents = {e["path"]: e for e in entries(view)}
-    rows = []
-    for path, layer, op in _nnx.candidate_layers(view):
-        row = dict(
-            path=_nnx.path_str(path),
-            kind=type(layer).__name__,
-            kernel_shape=tuple(layer.kernel.shape),
-        )
-        if op is not None:
-            e = ents[path]
-            row.update(
-                status="sparse",
-                method=op.method,
-                note=op.note,
-                **_stats(e, op.config.n, op.config.m),
-            )
-        else:
-            row.update(
-                status="skipped",
-                method="",
-                note=getattr(layer, _nnx.SKIP_ATTR, "not processed by bimask_jax.sparse"),
-            )
-        rows.append(row)
-    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -149,42 +80,52 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
       model: a model from :func:`bimask_jax.sparse`.
       variables: linen: the variables from ``model.init``. nnx: optional ``nnx.State`` to use
         instead of the model's values.
-      sample_args, sample_kwargs: linen only: model inputs, used (abstractly, ``jax.eval_shape``)
-        to find the skipped layers when the model has not been initialized or applied in this
-        process (skipped layers carry no state, so they are known only from a trace).
+      sample_args, sample_kwargs: linen only: model inputs, traced abstractly (:func:`layers`) to
+        list the skipped layers and their reasons and to order rows by call. Without them a
+        linen summary lists the sparse layers only (skipped layers carry no state), by path.
       print_fn: called with the text table; ``None`` to print nothing.
 
     Returns:
       list of dicts, one per layer in call (linen) or graph (nnx) order: ``path`` (``"a/b"``),
-      ``kind``, ``kernel_shape`` (with stack axes of scanned layers), ``status`` (``"sparse"`` or
-      ``"skipped"``), ``method`` (effective method), ``note`` (skip reason or fallback), and for
-      sparse layers ``fwd_density`` (fraction of kernel entries kept by the forward mask),
-      ``bwd_density`` and ``bwd_retained`` (backward-mask entries over forward-mask entries), and
-      for ``"bimask"`` layers ``efficacy``: the share of the possible gain over the identity
-      permutation that the layer's permutation achieved (``search_efficacy``; 1.0 when the
-      identity is already optimal).
+      ``kind`` (None for a linen layer without sample inputs), ``kernel_shape`` (with stack axes
+      of scanned layers), ``status`` (``"sparse"`` or ``"skipped"``), ``method`` (effective
+      method), ``note`` (skip reason or fallback), and for sparse layers ``fwd_density`` (fraction
+      of kernel entries kept by the forward mask), ``bwd_density`` and ``bwd_retained``
+      (backward-mask entries over forward-mask entries), and for ``"bimask"`` layers
+      ``efficacy``: the share of the possible gain over the identity permutation that the layer's
+      permutation achieved (``search_efficacy``; 1.0 when the identity is already optimal).
     """
-    config_of(model)  # validates the model type
-    if is_linen(model):
-        if variables is None:
-            raise ValueError("variables are required for a linen model")
-        rows = _linen_rows(model, variables, sample_args, sample_kwargs)
-    else:
-        rows = _nnx_rows(model, variables)
+    fe = frontend(model)
+    seen = fe.layers(model, variables, sample_args, sample_kwargs)
+    if seen is not None and not any(x.sparse for x in seen):
+        rows = [dict(path=x.path, kind=x.kind, kernel_shape=x.kernel_shape, status="skipped",
+                     method="", note=x.note) for x in seen]
+        if print_fn is not None:
+            print_fn("no layer is sparse:\n" + format_table(rows))
+        return rows
+    cfg, records, kernels = read(model, variables)
+    by_path = {"/".join(map(str, p)): p for p in records}
+    order = [x.path for x in seen or ()]
+    order += sorted(p for p in by_path if p not in set(order))
+    info = {x.path: x for x in seen or ()}
+    rows = []
+    for ps in order:
+        x, p = info.get(ps), by_path.get(ps)
+        row = dict(path=ps, kind=x.kind if x else None)
+        if p is None:
+            row.update(kernel_shape=x.kernel_shape, status="skipped", method="", note=x.note)
+        else:
+            method, stack, c = geometry(cfg, p, records[p], kernels[p])
+            k = kernels[p][(0,) * len(stack)].size // c
+            note = x.note if x else (effective_method(cfg, c, k)[1]
+                                     or (search_method(cfg, c)[1] if method == "bimask" else ""))
+            row.update(kernel_shape=tuple(kernels[p].shape), status="sparse", method=method,
+                       note=note, **_stats(kernels[p], records[p]["perm"], method, cfg.n, cfg.m,
+                                           cfg.k_order))
+        rows.append(row)
     if print_fn is not None:
         print_fn(format_table(rows))
     return rows
-
-
-def _masked_kernels(model, variables) -> dict:
-    cfg = config_of(model)
-    out = {}
-    for e in entries(model, variables):
-        if e["method"] == "dense":
-            continue
-        fwd, _ = stacked_masks(e["kernel"], e["perm"], cfg.n, cfg.m, e["method"])
-        out[e["path"]] = jnp.where(fwd, e["kernel"], jnp.zeros((), e["kernel"].dtype))
-    return out
 
 
 def export(model, variables=None):
@@ -195,14 +136,11 @@ def export(model, variables=None):
       model's tree; load with ``unwrapped.apply(exported, x)``). nnx: an ``nnx.State`` of every
       variable except :class:`BimaskState`; load with ``nnx.update(unwrapped_model, exported)``.
     """
-    masked = _masked_kernels(model, variables)
-    if is_linen(model):
-        return _linen.export_variables(variables, masked)
-    view = nnx_view(model, variables)
-    flat = []
-    for path, var in nnx.to_flat_state(nnx.state(view, nnx.Not(_nnx.BimaskState))):
-        path = tuple(path)
-        if path[-1] == "kernel" and path[:-1] in masked:
-            var = var.replace(masked[path[:-1]])
-        flat.append((path, var))
-    return nnx.from_flat_state(flat)
+    cfg, records, kernels = read(model, variables)
+    masked = {}
+    for p, rec in records.items():
+        method = geometry(cfg, p, rec, kernels[p])[0]
+        if method != "dense":
+            fwd, _ = stacked_masks(kernels[p], rec["perm"], cfg.n, cfg.m, method, cfg.k_order)
+            masked[p] = jnp.where(fwd, kernels[p], jnp.zeros((), kernels[p].dtype))
+    return frontend(model).write_kernels(model, variables, masked)
