@@ -80,13 +80,25 @@ def safe_perm(perm):
     return jnp.where(ok, perm, ident)
 
 
+def default_masks(cfg, kernel, c: int, method: str, perm):
+    """The ``(fwd, bwd)`` masks a sparse product uses unless given its own ``masks`` hook:
+    :func:`kernel_masks` of ``kernel`` (no stack axes) with ``cfg``'s N:M and ``k_order``;
+    ``perm`` (int ``(C,)``) is used by ``"bimask"`` only."""
+    return kernel_masks(kernel, c, cfg.n, cfg.m, method, perm if method == "bimask" else None,
+                        cfg.k_order)
+
+
 def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None,
-                       preferred_element_type=None, **kwargs):
+                       preferred_element_type=None, *, masks=None, **kwargs):
     """Drop-in ``lax.dot_general`` of a Dense/DenseGeneral/Linear/LinearGeneral layer.
 
     ``resolve(kernel_shape, in_channels, C, reason) -> (method, perm)`` is the front end's hook:
     it applies the selection rule (``reason``: why the product cannot be sparse, or ``""``) and
     returns the layer's method (``"dense"``: the plain product) and permutation (``(C,)`` or None).
+    ``masks(kernel, C, method, perm) -> (fwd, bwd)`` (keyword only; default
+    :func:`default_masks` with ``cfg``) computes the bool masks of ``kernel.shape`` from what
+    ``resolve`` returned: the hook for a front end that computes them elsewhere (e.g. under
+    ``shard_map`` where a sharded kernel lives); it must return what :func:`default_masks` would.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     n_in = len(rc)
@@ -97,8 +109,7 @@ def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None
     if method == "dense":
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
-    fwd, bwd = kernel_masks(rhs, c, cfg.n, cfg.m, method, perm if method == "bimask" else None,
-                            cfg.k_order)
+    fwd, bwd = (masks or functools.partial(default_masks, cfg))(rhs, c, method, perm)
     y = dense_general_product(lhs, rhs, lc, fwd, bwd, cfg.decay, precision=precision,
                               perm=perm if cfg.backend != "xla" else None, backend=cfg.backend)
     return y if preferred_element_type is None else y.astype(preferred_element_type)
@@ -106,8 +117,8 @@ def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None
 
 def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dilation=None,
                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                        precision=None, preferred_element_type=None, **kwargs):
-    """Drop-in ``lax.conv_general_dilated`` of a Conv layer; ``resolve`` as in
+                        precision=None, preferred_element_type=None, *, masks=None, **kwargs):
+    """Drop-in ``lax.conv_general_dilated`` of a Conv layer; ``resolve`` and ``masks`` as in
     :func:`sparse_dot_general` (only channels-last, ungrouped convs can be sparse)."""
     ok = feature_group_count == 1 and is_channels_last(dimension_numbers, lhs.ndim)
     reason = "" if ok else "unsupported conv configuration"
@@ -119,8 +130,7 @@ def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dil
             feature_group_count=feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type, **kwargs,
         )
-    fwd, bwd = kernel_masks(rhs, rhs.shape[-1], cfg.n, cfg.m, method,
-                            perm if method == "bimask" else None, cfg.k_order)
+    fwd, bwd = (masks or functools.partial(default_masks, cfg))(rhs, rhs.shape[-1], method, perm)
     y = sparse_conv(
         lhs, rhs, fwd, bwd, cfg.decay, strides=window_strides, padding=padding,
         lhs_dilation=lhs_dilation if lhs_dilation is not None else 1,
