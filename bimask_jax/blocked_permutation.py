@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bimask_jax._checks import check_divisible, check_kernel, check_nm, check_perm, is_concrete
+from bimask_jax._checks import check_divisible, check_kernel, check_nm, check_perm
 from bimask_jax.permutation import search_permutation
 
 
@@ -98,8 +98,8 @@ def search_blocked_permutation(
     if init is None:
         init = jnp.arange(c, dtype=jnp.int32)
     else:
-        check_perm(init, c, "init")
-        if is_concrete(init) and not is_block_diagonal(init, blocks):
+        init = check_perm(init, c, "init")
+        if not isinstance(init, jax.core.Tracer) and not is_block_diagonal(init, blocks):
             raise ValueError(f"init must be block-diagonal with {blocks} blocks of {cb} columns")
         init = jnp.asarray(init, jnp.int32)
     w = kernel.reshape(-1, blocks, cb).transpose(1, 0, 2)  # (B, K, cb)

@@ -23,7 +23,11 @@ def _kernel(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("n,m,blocks", [(2, 4, 2), (2, 4, 4), (1, 4, 3)])
+@pytest.mark.parametrize("n,m,blocks", [
+    (2, 4, 2),
+    pytest.param(2, 4, 4, marks=pytest.mark.slow),
+    pytest.param(1, 4, 3, marks=pytest.mark.slow),
+])
 def test_random_search_is_best_per_block(n, m, blocks):
     c, k = 16 * blocks, 32
     w = _kernel((k, c), seed=blocks)
@@ -65,6 +69,7 @@ def test_stripe_per_block_equals_search_permutation_on_the_block():
     assert _np_score(fwd, out, n, m) >= _np_score(fwd, np.arange(48), n, m)
 
 
+@pytest.mark.slow
 def test_a_device_searching_its_own_blocks_gets_the_global_result():
     # Device d holding blocks [2d, 2d + 2) passes keys[2d:2d + 2] and its columns (local indices).
     w = _kernel((16, 64), seed=9)

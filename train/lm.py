@@ -25,10 +25,11 @@ Bi-Mask under tensor parallelism (see train/LM.md):
   full-``C`` permutation: its rows are split, so only the candidates' scores are summed across
   devices (inserted by the compiler).
 
-The ``bimask_jax.sparse`` wrapper has no per-layer hook for where masks and searches run, so this
-script replaces the wrapper's ``SparseDotGeneral`` of each sparse layer by
-:class:`ShardedSparseDotGeneral` (same state: ``perm``, ``refreshes``) and refreshes the
-permutations itself (:func:`refresh_permutations`).
+The masks go through the wrapper's hook: each sparse layer's :class:`~bimask_jax.flax.SparseOp`
+(found with :func:`bimask_jax.flax.sparse_ops`) is replaced by :class:`ShardedSparseOp`, which
+keeps its record (``perm``, ``refreshes``) and overrides ``masks``. The wrapper's refresh searches
+whole permutations on whole kernels, so this script refreshes the permutations itself
+(:func:`refresh_permutations`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bimask_jax  # noqa: E402
+from bimask_jax import flax as bflax  # noqa: E402
 from bimask_jax.blocked_permutation import block_keys, search_blocked_permutation  # noqa: E402
-from bimask_jax.flax import nnx as bnnx  # noqa: E402
 from bimask_jax.masks import layer_masks  # noqa: E402
 from bimask_jax.permutation import search_permutation  # noqa: E402
 from train import text_data  # noqa: E402
@@ -159,8 +160,9 @@ def make_mesh(shape, devices=None):
 # --------------------------------------------------------------------------------------------
 
 
-class ShardedSparseDotGeneral(bnnx.SparseDotGeneral):
-    """The wrapper's ``SparseDotGeneral`` with the masks computed where the kernel lives.
+class ShardedSparseOp(bflax.SparseOp):
+    """The wrapper's :class:`~bimask_jax.flax.SparseOp` with the masks computed where the kernel
+    lives (its :meth:`masks` hook; the record, refresh and summary are the wrapper's).
 
     ``role="column"``: the kernel is used as ``P(None, "model")``; device ``d`` computes the masks
     of its columns from its block of the (block-diagonal) permutation, shifted to local indices.
@@ -170,26 +172,30 @@ class ShardedSparseDotGeneral(bnnx.SparseDotGeneral):
     (the column-parallel permutation is block-diagonal with blocks inside a device's columns).
     """
 
-    def __init__(self, op, role: str, mesh):
-        super().__init__(op.config, op.kind, op.method, op.note, op.perm.shape[-1], ())
+    def __init__(self, op: bflax.SparseOp, role: str, mesh):
+        super().__init__(op.config, op.layer, op.conv, op.perm.shape[-1], op.perm.shape[:-1])
+        for name, value in op.record().items():
+            getattr(self, name)[...] = value
         self.role = role
         self.mesh = mesh
 
-    def _masks(self, kernel, c: int):
-        cfg, method, role = self.config, self.method, self.role
-        perm = self.perm[...]
+    def masks(self, kernel, c: int, method: str, perm):
+        cfg, role = self.config, self.role
+        if kernel.ndim != 2 or kernel.shape[1] != c:
+            raise ValueError(f"layer {self.layer.path!r}: ShardedSparseOp needs a (K, C) Linear "
+                             f"kernel, got {tuple(kernel.shape)} with C={c}")
         spec = gpt.COMPUTE[role]
 
         def local(w, p):
             if role == "column":
                 p = p - jax.lax.axis_index("model") * w.shape[1]
-            return layer_masks(w, cfg.n, cfg.m, method, p if method == "bimask" else None)
+            return layer_masks(w, cfg.n, cfg.m, method, p if method == "bimask" else None,
+                               k_order=cfg.k_order)
 
-        fwd, bwd = jax.shard_map(
+        return jax.shard_map(
             local, mesh=self.mesh, in_specs=(spec, P("model") if role == "column" else P()),
             out_specs=(spec, spec), check_vma=False,
         )(jax.lax.stop_gradient(kernel), perm)
-        return fwd, bwd, (perm if cfg.backend != "xla" else None)
 
 
 def perm_sharding(role: str):
@@ -198,7 +204,7 @@ def perm_sharding(role: str):
 
 def build_model(args, gcfg: gpt.GPTConfig, mesh):
     """The GPT of ``gcfg`` (seeded by ``args.seed``) made sparse by ``bimask_jax.sparse`` with the
-    masks moved to :class:`ShardedSparseDotGeneral` (``dense``: the plain model)."""
+    masks moved to :class:`ShardedSparseOp` (``dense``: the plain model)."""
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     model = gpt.create(gcfg, seed=args.seed, mesh=mesh, dtype=dtype)
     if args.method == "dense":
@@ -207,8 +213,8 @@ def build_model(args, gcfg: gpt.GPTConfig, mesh):
                       num_candidates=args.num_candidates, refresh_every=args.refresh_every,
                       decay=args.decay, exclude=gpt.DENSE_LAYERS, search=args.search,
                       search_iterations=args.search_iterations)
-    for _, layer, op in bnnx.sparse_ops(model):
-        layer.dot_general = nnx.data(ShardedSparseDotGeneral(op, layer.role, mesh))
+    for _, layer, op in bflax.sparse_ops(model):
+        layer.dot_general = nnx.data(ShardedSparseOp(op, layer.role, mesh))
     return model
 
 
@@ -240,7 +246,7 @@ def check_layout(args, gcfg: gpt.GPTConfig, mesh_shape, perm_blocks: int) -> Non
 
 def sparse_layers(model) -> list:
     """``(path, layer, op)`` of the sparse layers, sorted by path (empty for a dense model)."""
-    return bnnx.sparse_ops(model)
+    return bflax.sparse_ops(model)
 
 
 def refresh_permutations(model, key, due, args, perm_blocks: int, mesh) -> None:
@@ -266,7 +272,7 @@ def refresh_permutations(model, key, due, args, perm_blocks: int, mesh) -> None:
     def search(key, kernels, perms):
         out = []
         for i, ((_, layer, op), w, p) in enumerate(zip(layers, kernels, perms, strict=True)):
-            if op.method != "bimask":
+            if op.layer.method != "bimask":
                 out.append(p)
                 continue
             k = jax.random.fold_in(key, i)
@@ -405,7 +411,8 @@ class Trainer:
         them (jit this; tests)."""
         out = {}
         for path, layer, op in sparse_layers(self.model(state)):
-            fwd, bwd, _ = op._masks(layer.kernel[...], layer.kernel.shape[-1])
+            c = layer.kernel.shape[-1]
+            fwd, bwd = op.masks(layer.kernel[...], c, op.layer.method, op.perm[...])
             out["/".join(map(str, path))] = (fwd, bwd)
         return out
 
