@@ -7,6 +7,8 @@ The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendl
 * permutations: :func:`permutation_score`, :func:`search_permutation`, :func:`retained_upper_bound`,
   :func:`search_efficacy`.
 * products with Bi-Mask's gradients: :func:`sparse_dense`, :func:`sparse_conv`.
+* block-diagonal permutations (tensor-parallel layers whose columns are split across devices):
+  :func:`search_blocked_permutation`, :func:`block_keys`, :func:`is_block_diagonal`.
 
 Around it, for Flax models (linen and nnx): :func:`sparse` wraps an unmodified model;
 :func:`refresh` / :func:`maybe_refresh` / :func:`refresh_due` update the per-layer permutations;
@@ -19,6 +21,11 @@ fastest (``k_order="hwi"``) or, as the authors' PyTorch code reads it, ``(Cin, *
 (``k_order="ihw"``; every mask, search and :func:`sparse` takes ``k_order``).
 """
 
+from bimask_jax.blocked_permutation import (
+    block_keys,
+    is_block_diagonal,
+    search_blocked_permutation,
+)
 from bimask_jax.flax import (
     BimaskState,
     export,
@@ -59,12 +66,15 @@ __all__ = [
     "sparse",
     "summary",
     "backward_mask",
+    "block_keys",
     "forward_mask",
     "inverse_permutation",
+    "is_block_diagonal",
     "layer_masks",
     "nm_mask",
     "permutation_score",
     "retained_upper_bound",
+    "search_blocked_permutation",
     "search_efficacy",
     "search_permutation",
     "sparse_conv",

@@ -27,7 +27,9 @@ from bimask_jax.permutation import search_permutation
 
 
 def block_keys(key, blocks: int):
-    """``(blocks,)`` keys: block ``b`` gets ``jax.random.fold_in(key, b)``."""
+    """``(blocks,)`` PRNG keys (of ``key``'s kind: raw ``uint32[2]`` keys give ``(blocks, 2)``)
+    for :func:`search_blocked_permutation`: block ``b`` gets ``jax.random.fold_in(key, b)``.
+    ``blocks``: Python int >= 1."""
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"blocks must be a Python int >= 1, got {blocks!r}")
     return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(blocks, dtype=jnp.uint32))

@@ -6,11 +6,7 @@ import numpy as np
 import pytest
 
 import bimask_jax as bj
-from bimask_jax.blocked_permutation import (
-    block_keys,
-    is_block_diagonal,
-    search_blocked_permutation,
-)
+from bimask_jax import block_keys, is_block_diagonal, search_blocked_permutation
 
 
 def _np_score(fwd2, perm, n, m):
