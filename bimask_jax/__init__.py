@@ -13,6 +13,8 @@ The functional core (pure functions of arrays; ``jit``/``vmap``/``grad`` friendl
   transposable masks (:func:`optimal_transposable_mask`, :func:`periodic_mask`,
   :func:`masked_decay`), mask stability (:func:`flip_rate`, :func:`flip_rates`) and the dense
   finish schedule (:func:`dense_finish_start`, :func:`is_dense_step`).
+* block-diagonal permutations (tensor-parallel layers whose columns are split across devices):
+  :func:`search_blocked_permutation`, :func:`block_keys`, :func:`is_block_diagonal`.
 
 Around it, for Flax models (linen and nnx): :func:`sparse` wraps an unmodified model;
 :func:`refresh` / :func:`maybe_refresh` / :func:`refresh_due` update the per-layer permutations;
@@ -27,6 +29,11 @@ fastest (``k_order="hwi"``) or, as the authors' PyTorch code reads it, ``(Cin, *
 (``k_order="ihw"``; every mask, search and :func:`sparse` takes ``k_order``).
 """
 
+from bimask_jax.blocked_permutation import (
+    block_keys,
+    is_block_diagonal,
+    search_blocked_permutation,
+)
 from bimask_jax.dense_finish import dense_finish_start, is_dense_step
 from bimask_jax.flax import (
     BimaskState,
@@ -81,12 +88,15 @@ __all__ = [
     "sparse",
     "summary",
     "backward_mask",
+    "block_keys",
     "forward_mask",
     "inverse_permutation",
+    "is_block_diagonal",
     "layer_masks",
     "nm_mask",
     "permutation_score",
     "retained_upper_bound",
+    "search_blocked_permutation",
     "search_efficacy",
     "search_permutation",
     "sparse_conv",

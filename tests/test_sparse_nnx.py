@@ -224,3 +224,42 @@ def test_stacked_layers_under_nnx_scan():
         h = h + h @ (w * ref.nm_mask(w, 2, 4, axis=0)) + np.asarray(stack.bias[...][i])
     np.testing.assert_allclose(nnx.jit(forward)(x, stack), h, rtol=1e-4, atol=1e-5)
     assert all(sorted(p) == list(range(8)) for p in perms)
+
+
+class _KeepAll(bf.SparseOp):
+    """A SparseOp whose masks hook keeps every weight (the product becomes the dense one)."""
+
+    def masks(self, kernel, c, method, perm):
+        ones = jnp.ones(kernel.shape, bool)
+        return ones, ones
+
+
+def test_sparse_ops_lists_ops_and_masks_hook_is_used():
+    model, plain = bf.sparse(Net(nnx.Rngs(0))), Net(nnx.Rngs(0))
+    ops = bf.sparse_ops(model)
+    assert [p for p, _, _ in ops] == [("conv",), ("head",), ("proj",)]  # sorted; stem, dw dense
+    assert all(_op(layer) is op and isinstance(op, bf.SparseOp) for _, layer, op in ops)
+    assert bf.sparse_ops(plain) == []
+    # The default hook: the reference masks of the (16, 12) matrix of proj's (2, 8, 12) kernel.
+    _, proj, op = ops[2]
+    perm = np.asarray(jax.random.permutation(jax.random.key(2), 12), np.int32)
+    w = np.asarray(proj.kernel[...])
+    fwd, bwd = op.masks(proj.kernel[...], 12, "bimask", jnp.asarray(perm))
+    want = ref.nm_mask(w.reshape(16, 12), 2, 4, axis=0)
+    np.testing.assert_array_equal(np.asarray(fwd).reshape(16, 12), want)
+    np.testing.assert_array_equal(np.asarray(bwd).reshape(16, 12),
+                                  ref.backward_mask(w.reshape(16, 12), want, perm, 2, 4))
+    x = _normal(3, (2, 8, 8, 3))
+    assert not np.allclose(model(x), plain(x), rtol=1e-4, atol=1e-5)
+    # A subclass put in place of each op (same config, layer, conv, record): the products call
+    # its masks, and sparse_ops and refresh see it like the original.
+    for _, layer, op in ops:
+        new = _KeepAll(op.config, op.layer, op.conv, op.perm.shape[-1], op.perm.shape[:-1])
+        for name, value in op.record().items():
+            getattr(new, name)[...] = value
+        setattr(layer, "conv_general_dilated" if op.conv else "dot_general", nnx.data(new))
+    assert [type(op) for _, _, op in bf.sparse_ops(model)] == [_KeepAll] * 3
+    np.testing.assert_allclose(model(x), plain(x), rtol=1e-5, atol=1e-6)
+    new = nnx.to_pure_dict(bf.refresh(jax.random.key(0), model))
+    assert {k: int(v["dot_general" if k != "conv" else "conv_general_dilated"]["refreshes"])
+            for k, v in new.items()} == {"conv": 1, "head": 1, "proj": 1}

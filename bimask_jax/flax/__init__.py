@@ -3,7 +3,8 @@
 
 Modules: ``config`` (options), ``selection`` (which layers, which method), ``layer`` (the per-layer
 record, masks, products and search, framework-free), ``linen`` (interception wrapper) and ``nnx``
-(in-place op swap and :class:`BimaskState`): the two front ends, each also reading and writing its
+(in-place op swap, :class:`BimaskState`, :class:`SparseOp` with its overridable ``masks`` and
+:func:`sparse_ops` to list a model's ops): the two front ends, each also reading and writing its
 state; ``state`` (the one state representation and its refresh), ``summary`` (report and export).
 """
 
@@ -11,7 +12,7 @@ from bimask_jax.flax.api import sparse
 from bimask_jax.flax.config import SparseConfig
 from bimask_jax.flax.layer import new_record
 from bimask_jax.flax.linen import Sparse
-from bimask_jax.flax.nnx import BimaskState
+from bimask_jax.flax.nnx import BimaskState, SparseOp, sparse_ops
 from bimask_jax.flax.selection import Layer
 from bimask_jax.flax.state import (
     flip_state,
@@ -31,6 +32,7 @@ __all__ = [
     "Layer",
     "Sparse",
     "SparseConfig",
+    "SparseOp",
     "export",
     "flip_state",
     "layers",
@@ -42,6 +44,7 @@ __all__ = [
     "reset_sste_scales",
     "set_wgrad_key",
     "sparse",
+    "sparse_ops",
     "summary",
     "track_flips",
     "with_dense_products",

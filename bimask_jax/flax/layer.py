@@ -112,8 +112,16 @@ def safe_perm(perm):
     return jnp.where(ok, perm, ident)
 
 
+def default_masks(cfg, kernel, c: int, method: str, perm):
+    """The ``(fwd, bwd)`` masks a sparse product uses unless given its own ``masks`` hook:
+    :func:`kernel_masks` of ``kernel`` (no stack axes) with ``cfg``'s N:M and ``k_order``;
+    ``perm`` (int ``(C,)``) is used by ``"bimask"`` only."""
+    return kernel_masks(kernel, c, cfg.n, cfg.m, method, perm if method == "bimask" else None,
+                        cfg.k_order)
+
+
 def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None,
-                       preferred_element_type=None, **kwargs):
+                       preferred_element_type=None, *, masks=None, **kwargs):
     """Drop-in ``lax.dot_general`` of a Dense/DenseGeneral/Linear/LinearGeneral layer.
 
     ``resolve(kernel_shape, in_channels, C, reason) -> (method, record)`` is the front end's hook:
@@ -121,6 +129,11 @@ def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None
     returns the layer's method (``"dense"``: the plain product) and record (:func:`new_record`,
     unstacked; None when absent and not :func:`record_needed`). ``cfg.dense_products``: the plain
     product of every layer (the record was still resolved, so checked).
+    ``masks(kernel, C, method, perm) -> (fwd, bwd)`` (keyword only; default
+    :func:`default_masks` with ``cfg``) computes the bool masks of ``kernel.shape`` from the
+    method and the record's ``perm``: the hook for a front end that computes them elsewhere (e.g.
+    under ``shard_map`` where a sharded kernel lives); it must return what :func:`default_masks`
+    would.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     n_in = len(rc)
@@ -131,7 +144,7 @@ def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None
     if method == "dense" or cfg.dense_products:
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
-    rhs, fwd, bwd, decay, perm, extra = _operands(cfg, method, rhs, c, record)
+    rhs, fwd, bwd, decay, perm, extra = _operands(cfg, method, rhs, c, record, masks)
     y = dense_general_product(lhs, rhs, lc, fwd, bwd, decay, precision=precision,
                               perm=perm if cfg.backend != "xla" else None, backend=cfg.backend,
                               **extra)
@@ -140,8 +153,8 @@ def sparse_dot_general(cfg, resolve, lhs, rhs, dimension_numbers, precision=None
 
 def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dilation=None,
                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                        precision=None, preferred_element_type=None, **kwargs):
-    """Drop-in ``lax.conv_general_dilated`` of a Conv layer; ``resolve`` as in
+                        precision=None, preferred_element_type=None, *, masks=None, **kwargs):
+    """Drop-in ``lax.conv_general_dilated`` of a Conv layer; ``resolve`` and ``masks`` as in
     :func:`sparse_dot_general` (only channels-last, ungrouped convs can be sparse)."""
     ok = feature_group_count == 1 and is_channels_last(dimension_numbers, lhs.ndim)
     reason = "" if ok else "unsupported conv configuration"
@@ -153,7 +166,7 @@ def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dil
             feature_group_count=feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type, **kwargs,
         )
-    rhs, fwd, bwd, decay, perm, extra = _operands(cfg, method, rhs, rhs.shape[-1], record)
+    rhs, fwd, bwd, decay, perm, extra = _operands(cfg, method, rhs, rhs.shape[-1], record, masks)
     y = sparse_conv(
         lhs, rhs, fwd, bwd, decay, strides=window_strides, padding=padding,
         lhs_dilation=lhs_dilation if lhs_dilation is not None else 1,
@@ -164,13 +177,13 @@ def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dil
     return y if preferred_element_type is None else y.astype(preferred_element_type)
 
 
-def _operands(cfg, method: str, kernel, c: int, record):
+def _operands(cfg, method: str, kernel, c: int, record, masks=None):
     """``(kernel, fwd, bwd, decay, perm, extra)`` of a sparse product: the kernel it multiplies
-    (``"sste"``: ``sste_scale * S(kernel)``, straight-through), its masks, SR-STE decay (0 for
-    ``"sste"``), permutation, and ``extra`` keyword arguments of the op (the MVUE ``wgrad``)."""
+    (``"sste"``: ``sste_scale * S(kernel)``, straight-through), its masks (``masks`` hook, default
+    :func:`default_masks`), SR-STE decay (0 for ``"sste"``), permutation, and ``extra`` keyword
+    arguments of the op (the MVUE ``wgrad``)."""
     perm = None if record is None else record["perm"]
-    fwd, bwd = kernel_masks(kernel, c, cfg.n, cfg.m, method, perm if method == "bimask" else None,
-                            cfg.k_order)
+    fwd, bwd = (masks or functools.partial(default_masks, cfg))(kernel, c, method, perm)
     decay = cfg.decay
     if method == "sste":
         kernel = sste_kernel(kernel, record["sste_scale"], c, cfg.n, cfg.m, cfg.k_order)

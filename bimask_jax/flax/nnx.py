@@ -30,7 +30,13 @@ class BimaskState(nnx.Variable):
 class SparseOp(nnx.Module):
     """Drop-in ``dot_general`` (Linear/LinearGeneral, no batch axes) or ``conv_general_dilated``
     (Conv: channels-last, no groups). Static ``config``, ``layer`` (:class:`Layer`), ``conv``; one
-    :class:`BimaskState` per record field (``perm`` int32 ``(*stack, C)``, ``refreshes``, ...)."""
+    :class:`BimaskState` per record field (``perm`` int32 ``(*stack, C)``, ``refreshes``, ...).
+
+    Subclasses may override :meth:`masks` (where and how the layer's masks are computed); a
+    subclass instance put in a layer's op attribute in place of the one :func:`sparsify` made
+    (same ``config``, ``layer``, ``conv`` and record) is found by :func:`sparse_ops`, the refresh
+    and the summary like the original.
+    """
 
     def __init__(self, config: SparseConfig, layer: Layer, conv: bool, c: int, stack: tuple,
                  kernel=None):
@@ -52,9 +58,16 @@ class SparseOp(nnx.Module):
         check_record(self.layer.path, record, self.config, self.layer.method, kernel_shape, (), c)
         return self.layer.method, record
 
+    def masks(self, kernel, c: int, method: str, perm):
+        """``(fwd, bwd)`` bool masks of ``kernel.shape`` for the product: ``kernel`` the layer's
+        kernel (no stack axes) read as a ``(K, c)`` matrix, ``method``/``perm`` (int ``(c,)``) as
+        resolved from the record. Default :func:`~bimask_jax.flax.layer.default_masks`; override
+        to compute the same masks elsewhere (e.g. per device under ``jax.shard_map``)."""
+        return _layer.default_masks(self.config, kernel, c, method, perm)
+
     def __call__(self, *args, **kwargs):
         op = sparse_conv_general if self.conv else sparse_dot_general
-        return op(self.config, self._resolve, *args, **kwargs)
+        return op(self.config, self._resolve, *args, masks=self.masks, **kwargs)
 
 
 _KINDS = ((nnx.LinearGeneral, "dot_general"), (nnx.Linear, "dot_general"),
@@ -127,6 +140,15 @@ def _candidates(model):
             op = getattr(node, attr)
             out.append((tuple(path), node, op if isinstance(op, SparseOp) else None))
     return out
+
+
+def sparse_ops(model) -> list:
+    """``(layer path tuple, layer, op)`` of every sparse layer of an nnx model made sparse by
+    :func:`sparsify` (``op``: its :class:`SparseOp`, at ``getattr(layer, op_attr)``), sorted by
+    the path's strings (the order in which :func:`~bimask_jax.flax.state.refresh_state` keys the
+    layers). Layers left dense are not listed; a model never made sparse gives ``[]``."""
+    ops = [(p, layer, op) for p, layer, op in _candidates(model) if op is not None]
+    return sorted(ops, key=lambda t: tuple(map(str, t[0])))
 
 
 # ------------------------------------------------------------ state access (bimask_jax.flax.state)
