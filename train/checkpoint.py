@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 # orbax's JSON files inside a step directory (``array_metadatas/process_<i>`` as well).
 _JSON_FILES = ("_CHECKPOINT_METADATA", "metadata", "_METADATA", "_sharding")
@@ -142,9 +143,13 @@ class Checkpointer:
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise CorruptCheckpoint(f"checkpoint {step} ({root}): {meta_file} unreadable: "
                                     f"{e!r}") from None
-        have = {"/".join(str(k["key"]) for k in v["key_metadata"]):
-                tuple(v["value_metadata"]["write_shape"])
-                for v in tree.values() if v["value_metadata"].get("write_shape") is not None}
+        del tree  # parsed above to name a damaged file; the shapes below are the global ones
+        try:  # ("write_shape" in _METADATA is one shard's shape for a sharded array)
+            tree = ocp.StandardCheckpointHandler().metadata(epath.Path(root, "state")).tree
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; name the checkpoint
+            raise CorruptCheckpoint(f"checkpoint {step} ({root}): array metadata unreadable: "
+                                    f"{e!r}") from None
+        have = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
         want = {_path(p): tuple(np.shape(x))
                 for p, x in jax.tree_util.tree_leaves_with_path(state_like)}
         wrong = []
