@@ -67,6 +67,12 @@ def test_new_flags_are_training_settings_compared_on_resume():
     assert config.differences(a, b) == {
         "method": ("bimask", "sste"), "wgrad": ("dense", "mvue"), "dense_finish": (0.0, 0.5),
         "track_flips": (False, True)}
+    # A checkpoint written before these settings existed computed with them off.
+    old = {k: v for k, v in a.items() if k not in new}
+    assert config.differences(old, a) == {}
+    assert config.differences(old, b) == {
+        "method": ("bimask", "sste"), "wgrad": ("dense", "mvue"), "dense_finish": (0.0, 0.5),
+        "track_flips": (False, True)}
 
 
 def test_dense_finish_start_of_a_run():
@@ -195,7 +201,26 @@ SPARSE = [f"stage{s}_block0/conv{c}" for s in (1, 2, 3) for c in (1, 2)]
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for the end-to-end runs of this module only (a stopped run,
+    its resume and the unbroken run compile the same programs); restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, compile_cache):
     return write_image_folder(tmp_path_factory.mktemp("tree"), classes=3, train_per_class=8,
                               val_per_class=2, size=8)
 

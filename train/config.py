@@ -453,9 +453,16 @@ def training_settings(cfg) -> dict:
             if k not in RUN_SETTINGS}
 
 
+# Settings added after checkpoints were first written, with the value that older runs computed
+# with: a checkpoint without one is read as having it (so such a run still resumes).
+LATER_SETTINGS = {"wgrad": "dense", "dense_finish": 0.0, "track_flips": False}
+
+
 def differences(stored: dict, current: dict) -> dict[str, tuple]:
     """``{key: (stored value, current value)}`` for every training setting that differs (a key
-    missing on one side counts as a difference with ``None``)."""
+    missing on one side counts as a difference with ``None``, except a key of
+    :data:`LATER_SETTINGS` missing from ``stored``, which counts as its value there)."""
+    stored = {**{k: v for k, v in LATER_SETTINGS.items() if k in current}, **stored}
     keys = set(stored) | set(current)
     return {k: (stored.get(k), current.get(k)) for k in sorted(keys)
             if k not in RUN_SETTINGS and stored.get(k) != current.get(k)}
