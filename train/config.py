@@ -84,6 +84,7 @@ LR_SCHEDULES = ("cosine_epoch", "cosine_step", "imagenet_ref", "timm_epoch", "co
 WD_RULES = ("bn_name", "kernels")
 FIRST_REFRESH = ("start", "end")
 K_ORDERS = ("ihw", "hwi")
+WGRADS = ("dense", "mvue")
 RECIPES = {"cifar_resnet": CIFAR_RECIPE, "vgg": CIFAR_RECIPE, "mobilenetv2": CIFAR_RECIPE,
            "resnet": RESNET_RECIPE, "deit": DEIT_RECIPE}
 
@@ -153,7 +154,7 @@ RULES = {
     "search_iterations": POSITIVE_INT, "seed": NONNEG_INT, "ckpt_every_steps": NONNEG_INT,
     "keep_checkpoints": POSITIVE_INT, "eval_every": POSITIVE_INT, "log_every": POSITIVE_INT,
     "num_processes": POSITIVE_INT, "process_id": NONNEG_INT, "stop_after_steps": NONNEG_INT,
-    "lighting": NONNEG_FLOAT,
+    "lighting": NONNEG_FLOAT, "dense_finish": _number(float, lo=0.0, hi=1.0, hi_open=True),
 }
 
 
@@ -183,8 +184,8 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         description=("Train a CIFAR model (the reference's resnet32_cifar10, vgg19_cifar10, "
                      "mobilenetv2; standard ResNet-20/32/56, VGG-19, MobileNetV2)" if script == "cifar"
                      else "Train an ImageNet model (ResNet-18/34/50, DeiT-Tiny/Small)")
-        + " with N:M sparsity (Bi-Mask, SR-STE, transposable masks) or dense. Defaults reproduce "
-          "the Bi-Mask reference code (train/README.md: fidelity table).",
+        + " with N:M sparsity (Bi-Mask, SR-STE, S-STE, transposable masks) or dense. Defaults "
+          "reproduce the Bi-Mask reference code (train/README.md: fidelity table).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
@@ -277,7 +278,11 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                             "Default: 0.1 for ResNets, 0 for DeiT")
 
     g = p.add_argument_group("N:M sparsity")
-    g.add_argument("--method", default="bimask", choices=["dense", "srste", "transposable", "bimask"])
+    g.add_argument("--method", default="bimask",
+                   choices=["dense", "srste", "transposable", "bimask", "sste"],
+                   help="sste: S-STE (Hu et al., NeurIPS 2024), a continuous soft-threshold "
+                        "2:4 weight with a per-layer scale fixed at init; the library applies "
+                        "no SR-STE decay to it (--decay is ignored)")
     g.add_argument("--n", "--N", dest="n", type=int, default=2, help="N of N:M")
     g.add_argument("--m", "--M", dest="m", type=int, default=4, help="M of N:M")
     g.add_argument("--refresh-every", "--iter", dest="refresh_every", type=int, default=100,
@@ -313,6 +318,21 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                    help="Bi-Mask: iterations of a stripe/swap search per refresh")
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
                    help="sparse matmul backend (pallas: the 2:4 GPU kernels)")
+    g.add_argument("--wgrad", default="dense", choices=list(WGRADS),
+                   help="weight-gradient product of the sparse layers: dense, or mvue (its output "
+                        "gradient replaced by an unbiased N:M estimate along the batch/token axis, "
+                        "Chmiel et al., ICLR 2023; a fresh key every step; needs n <= 2). With "
+                        "bimask or transposable, all three products of a layer are N:M")
+    g.add_argument("--dense-finish", type=float, default=0.0, metavar="FRACTION",
+                   help="train the last FRACTION of the steps dense (Hu et al., ICML 2024): from "
+                        "step total - round(FRACTION x total) on, the sparse layers run dense "
+                        "products of their raw kernels, no permutation refreshes; eval and export "
+                        "after the switch are dense too. 0: off")
+    g.add_argument("--track-flips", action="store_true",
+                   help="log the forward-mask flip rate (fraction of mask entries that changed "
+                        "in a step; Hu et al., ICML 2024): the aggregate in the train lines of "
+                        "metrics.jsonl, per layer in the per-epoch sparsity line (one bool per "
+                        "kernel entry kept in the checkpointed state)")
 
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", "--job_dir", "--job-dir", dest="run_dir", default=None,
@@ -390,6 +410,15 @@ def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
     if not 0 < values["n"] <= values["m"]:
         raise ValueError(f"--n/--m: N:M needs 0 < n <= m, got n={values['n']}, m={values['m']}")
+    method = values.get("method", "bimask")
+    if method == "dense":
+        for name, off in (("wgrad", "dense"), ("dense_finish", 0.0), ("track_flips", False)):
+            if values.get(name, off) != off:
+                raise ValueError(f"--{name.replace('_', '-')} is an option of the sparse methods, "
+                                 f"got --method dense")
+    if values.get("wgrad", "dense") == "mvue" and values["n"] > 2:
+        raise ValueError(f"--wgrad mvue keeps 1 or 2 of every m output-gradient entries: it needs "
+                         f"--n <= 2, got --n {values['n']}")
     return argparse.Namespace(**values)
 
 
@@ -424,9 +453,16 @@ def training_settings(cfg) -> dict:
             if k not in RUN_SETTINGS}
 
 
+# Settings added after checkpoints were first written, with the value that older runs computed
+# with: a checkpoint without one is read as having it (so such a run still resumes).
+LATER_SETTINGS = {"wgrad": "dense", "dense_finish": 0.0, "track_flips": False}
+
+
 def differences(stored: dict, current: dict) -> dict[str, tuple]:
     """``{key: (stored value, current value)}`` for every training setting that differs (a key
-    missing on one side counts as a difference with ``None``)."""
+    missing on one side counts as a difference with ``None``, except a key of
+    :data:`LATER_SETTINGS` missing from ``stored``, which counts as its value there)."""
+    stored = {**{k: v for k, v in LATER_SETTINGS.items() if k in current}, **stored}
     keys = set(stored) | set(current)
     return {k: (stored.get(k), current.get(k)) for k in sorted(keys)
             if k not in RUN_SETTINGS and stored.get(k) != current.get(k)}

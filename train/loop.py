@@ -14,19 +14,24 @@ Step ``s`` draws its randomness from ``fold_in(rng, s)``, so a run resumed at st
 the same random numbers as an unbroken one.
 
 The one place that knows about N:M sparsity is :func:`sparsify` / :class:`SparseHooks` (the seam
-to ``bimask_jax``'s wrapper); with ``method="dense"`` the plain module is trained.
+to ``bimask_jax``'s wrapper); with ``method="dense"`` the plain module is trained. The methods
+after Bi-Mask live in the same seam: ``--wgrad mvue`` sets the layers' MVUE keys
+(:func:`wgrad_step_key`) in the step before the forward; ``--track-flips`` computes the flip
+rates after the update (the previous masks are in the ``"bimask"`` collection, so checkpoints
+carry them); ``--dense-finish`` switches to a second compiled step (and eval step) with dense
+products from :func:`dense_finish_start` on, also after a resume past it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -46,7 +51,7 @@ from train.checkpoint import Checkpointer, CorruptCheckpoint
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class DataSpec:
     """What the loop needs of a dataset.
 
@@ -73,18 +78,28 @@ class DataSpec:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class SparseHooks:
     """How the loop talks to ``bimask_jax``: ``model`` is the module to init/apply;
     ``refresh(key, variables, step)`` returns the ``"bimask"`` collection to use for step
     ``step`` (0-based; a permutation search when due, else unchanged) or is None;
-    ``summary`` / ``export`` take (model, variables)."""
+    ``summary`` / ``export`` take (model, variables).
+
+    The methods after Bi-Mask (``--wgrad mvue``, ``--track-flips``, ``--dense-finish``):
+    ``wgrad_key(key, variables)`` returns the ``"bimask"`` collection with this step's MVUE keys
+    (None unless ``wgrad="mvue"``); ``flips(variables)`` returns ``(bimask collection, {layer:
+    rate}, aggregate)``, the flip rates since its last call (None unless ``track_flips``);
+    ``dense_model``: the same model with dense products (``bimask_jax.with_dense_products``: same
+    variables), for the dense finish (None for ``method="dense"``)."""
 
     model: Any
     method: str
     refresh: Callable | None = None
     summary: Callable | None = None
     export: Callable | None = None
+    wgrad_key: Callable | None = None
+    flips: Callable | None = None
+    dense_model: Any = None
 
 
 def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> SparseHooks:
@@ -95,7 +110,8 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
     layers kept dense (the model's exclusions); the wrapper also leaves depthwise convs and layers
     whose input channels (``k_order="hwi"``) or kernel size (``"ihw"``) do not fit M dense.
     Bi-Mask refreshes the permutations inside the jitted step at the steps :func:`refresh_steps`
-    gives (``cfg.first_refresh``)."""
+    gives (``cfg.first_refresh``). ``cfg.wgrad`` and ``cfg.track_flips`` (default ``"dense"``,
+    False) go to ``bimask_jax.sparse``."""
     if cfg.method == "dense":
         return SparseHooks(model=module, method="dense")
     import bimask_jax as api
@@ -106,15 +122,48 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
         backend=cfg.kernels, search=cfg.search, search_iterations=cfg.search_iterations,
         k_order=getattr(cfg, "k_order", "hwi"),
         keep_incumbent=bool(getattr(cfg, "keep_incumbent", True)),
+        wgrad=getattr(cfg, "wgrad", "dense"), track_flips=bool(getattr(cfg, "track_flips", False)),
     )
-    refresh = None
+    refresh = wgrad_key = flips = None
     if cfg.method == "bimask":
         shift = refresh_shift(getattr(cfg, "first_refresh", "start"))
 
         def refresh(key, variables, step):
             return api.maybe_refresh(key, model, variables, step + shift)
+    if getattr(cfg, "wgrad", "dense") == "mvue":
+        def wgrad_key(key, variables):
+            return api.set_wgrad_key(key, model, variables)
+    if getattr(cfg, "track_flips", False):
+        def flips(variables):
+            return api.track_flips(model, variables)
     return SparseHooks(model=model, method=cfg.method, refresh=refresh, summary=api.summary,
-                       export=api.export)
+                       export=api.export, wgrad_key=wgrad_key, flips=flips,
+                       dense_model=api.with_dense_products(model))
+
+
+# The stream of the MVUE keys: step s uses fold_in(fold_in(rng, WGRAD_STREAM), s), apart from the
+# step's other random numbers (fold_in(rng, s), split), which therefore do not change with --wgrad.
+WGRAD_STREAM = 0x6D767565  # "mvue"
+
+
+def wgrad_step_key(rng, step):
+    """The MVUE key of training step ``step`` (0-based) of a run whose state rng is ``rng``."""
+    return jax.random.fold_in(jax.random.fold_in(rng, WGRAD_STREAM), step)
+
+
+def dense_finish_start(cfg, steps_per_epoch: int) -> int | None:
+    """The first dense step (0-based) of ``--dense-finish`` over the run's ``epochs x
+    steps_per_epoch`` steps (``bimask_jax.dense_finish_start``), or None when it is off (0, or a
+    fraction that rounds to no step). Training step ``i`` is dense when ``i >= start``; the state
+    after ``s`` steps is evaluated and exported dense when ``s > start`` (a step was dense)."""
+    fraction = float(getattr(cfg, "dense_finish", 0.0) or 0.0)
+    if fraction == 0.0 or cfg.method == "dense":
+        return None
+    import bimask_jax as api
+
+    total = cfg.epochs * steps_per_epoch
+    start = api.dense_finish_start(total, fraction)
+    return start if start < total else None
 
 
 def refresh_shift(first_refresh: str) -> int:
@@ -296,11 +345,23 @@ def _apply(model, variables, x, train, mutable, rngs=None):
     return model.apply(variables, x, train=train, rngs=rngs), {}
 
 
-def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutable: list[str]):
+def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutable: list[str],
+                    *, dense: bool = False):
     """(state, batch) -> (state, metrics sums) for one optimizer step; ``batch`` holds "image"
     uint8 (B, H, W, C), "label" int32 (B,), "valid" bool (B,) (rows with valid=False carry no
-    loss)."""
-    model, k = hooks.model, data.num_classes
+    loss).
+
+    Sparse steps, in order: the Bi-Mask refresh when due, this step's MVUE keys
+    (:func:`wgrad_step_key`), forward/backward, the optimizer update, then the flip rates of the
+    updated kernels (metrics ``flip_rate`` (sum of the per-step aggregates), ``flip_steps`` and
+    ``flip_layers`` ``{layer: rate}``). ``dense=True``: the dense-finish step (``hooks.dense_model``:
+    dense products, no refresh, no keys, no flip tracking; with ``--track-flips`` its flip metrics
+    are zeros with ``flip_steps`` 0, so the sums of a log window spanning the switch stay
+    aligned)."""
+    model, k = (hooks.dense_model if dense else hooks.model), data.num_classes
+    refresh = None if dense else hooks.refresh
+    wgrad_key = None if dense else hooks.wgrad_key
+    flips = None if dense else hooks.flips
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
 
@@ -313,9 +374,12 @@ def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutab
         if mixing:
             x, y = mix_batch(k_mix, x, y, cfg.mixup, cfg.cutmix)
         ms = state["model_state"]
-        if hooks.refresh is not None:
-            ms = {**ms, "bimask": hooks.refresh(k_post, {"params": state["params"], **ms},
-                                                state["step"])}
+        if refresh is not None:
+            ms = {**ms, "bimask": refresh(k_post, {"params": state["params"], **ms},
+                                          state["step"])}
+        if wgrad_key is not None:
+            ms = {**ms, "bimask": wgrad_key(wgrad_step_key(state["rng"], state["step"]),
+                                            {"params": state["params"], **ms})}
 
         def loss_fn(params):
             logits, updates = _apply(model, {"params": params, **ms}, x, True, mutable,
@@ -334,6 +398,14 @@ def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutab
         correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid)
         metrics = {"loss": loss * n, "correct": correct, "count": n,
                    "invalid": jnp.sum(1.0 - valid), "lr": schedule(state["step"])}
+        if flips is not None:
+            bimask, rates, agg = flips({"params": params, **new_ms})
+            new_ms = {**new_ms, "bimask": bimask}
+            metrics.update(flip_rate=agg, flip_steps=jnp.float32(1.0), flip_layers=rates)
+        elif hooks.flips is not None:  # the dense finish of a --track-flips run
+            _, rates, _ = jax.eval_shape(hooks.flips, {"params": params, **new_ms})
+            metrics.update(flip_rate=jnp.float32(0.0), flip_steps=jnp.float32(0.0),
+                           flip_layers={p: jnp.float32(0.0) for p in rates})
         new_state = {"step": step, "params": params, "opt_state": opt_state,
                      "model_state": new_ms, "rng": state["rng"]}
         return new_state, metrics
@@ -341,9 +413,10 @@ def make_train_step(hooks: SparseHooks, tx, schedule, cfg, data: DataSpec, mutab
     return step_fn
 
 
-def make_eval_step(hooks: SparseHooks, cfg, data: DataSpec):
-    """(state, batch) -> sums of loss, top-1 and top-5 hits (top-min(5, K)) and valid rows."""
-    model, k = hooks.model, data.num_classes
+def make_eval_step(hooks: SparseHooks, cfg, data: DataSpec, *, dense: bool = False):
+    """(state, batch) -> sums of loss, top-1 and top-5 hits (top-min(5, K)) and valid rows;
+    ``dense``: with ``hooks.dense_model`` (the dense finish)."""
+    model, k = (hooks.dense_model if dense else hooks.model), data.num_classes
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     topk = min(5, k)
 
@@ -576,7 +649,7 @@ def _all_finite(tree) -> bool:
     return bool(_finite(leaves)) if leaves else True
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """Everything one training run holds between :func:`setup`, :func:`train_epoch` and
     :func:`finish`: configuration, data, model hooks, compiled steps, the train state and the
@@ -605,6 +678,53 @@ class Run:
     finished: bool = False
     compiled: bool = False
     t_start: float = 0.0
+    dense_start: int | None = None
+    dense_train_step: Callable | None = None
+    dense_eval_step: Callable | None = None
+    dense_logged: bool = False
+    flip_sums: dict | None = None
+    flip_steps: int = 0
+    flip_agg: float = 0.0
+
+    def take_flip_rates(self) -> dict:
+        """``--track-flips``: over the sparse steps since the last call (the epoch's, or from the
+        resume on), the mean per-step flip rate of each layer (``flip_rates``, ``{layer: rate}``)
+        and of the aggregate (``flip_rate``: flipped entries over all tracked entries), and their
+        number (``flip_steps``; 0 in the dense finish, rates None); then resets. Empty without
+        flip tracking."""
+        if self.hooks.flips is None:
+            return {}
+        sums, agg, steps = self.flip_sums, self.flip_agg, self.flip_steps
+        self.flip_sums, self.flip_agg, self.flip_steps = None, 0.0, 0
+        if sums is None or steps == 0:
+            return {"flip_rate": None, "flip_rates": None, "flip_steps": steps}
+        rates = {k: float(v) / steps for k, v in jax.device_get(sums).items()}
+        return {"flip_rate": agg / steps, "flip_rates": rates, "flip_steps": steps}
+
+    def dense_after(self, steps_done: int) -> bool:
+        """Whether the state after ``steps_done`` steps is in the dense finish (a dense step was
+        taken): its eval, summary and export use the dense model."""
+        return self.dense_start is not None and steps_done > self.dense_start
+
+    def step_fn(self, step: int) -> Callable:
+        """The compiled train step for 0-based step ``step`` (the dense one from
+        ``dense_start`` on); records the switch in metrics.jsonl the first time it is taken."""
+        if self.dense_start is None or step < self.dense_start:
+            return self.train_step
+        if not self.dense_logged:
+            self.dense_logged = True
+            self.compiled = False  # img/s leaves out the dense step's compilation too
+            total = self.cfg.epochs * self.spe
+            if step == self.dense_start:
+                self.log.record("dense_finish", step=self.dense_start,
+                                epoch=self.dense_start // self.spe + 1,
+                                dense_steps=total - self.dense_start)
+                self.log.print(f"dense finish: steps {self.dense_start + 1}-{total} of {total} "
+                               "train dense (no masks, no refreshes)")
+            else:
+                self.log.print(f"resumed in the dense finish (dense since step "
+                               f"{self.dense_start + 1} of {total})")
+        return self.dense_train_step
 
     @property
     def run_dir(self) -> str:
@@ -732,10 +852,21 @@ def setup(cfg: argparse.Namespace, module, dense_layers: Sequence[str], data: Da
                                       donate_argnums=0), fast=cfg.fast_compile, options=conv_opts)
         eval_step = _compile(jax.jit(make_eval_step(hooks, cfg, data), in_shardings=(repl, rows_sh),
                                      out_shardings=repl), fast=cfg.fast_compile, options=conv_opts)
+        dense_start = dense_finish_start(cfg, spe)
+        dense_train = dense_eval = None
+        if dense_start is not None:  # compiled at their first call, i.e. only when reached
+            dense_train = _compile(jax.jit(
+                make_train_step(hooks, tx, schedule, cfg, data, mutable, dense=True),
+                in_shardings=(repl, rows_sh), out_shardings=(repl, repl), donate_argnums=0),
+                fast=cfg.fast_compile, options=conv_opts)
+            dense_eval = _compile(jax.jit(make_eval_step(hooks, cfg, data, dense=True),
+                                          in_shardings=(repl, rows_sh), out_shardings=repl),
+                                  fast=cfg.fast_compile, options=conv_opts)
         r = Run(cfg=cfg, script=script, module=module, data=data, hooks=hooks, log=log, ckpt=ckpt,
                 spe=spe, repl=repl, rows=rows_sh, train_step=train_step, eval_step=eval_step,
                 state=state, n_params=sum(int(np.prod(x.shape))
-                                          for x in jax.tree.leaves(state["params"])))
+                                          for x in jax.tree.leaves(state["params"])),
+                dense_start=dense_start, dense_train_step=dense_train, dense_eval_step=dense_eval)
         if cfg.resume:
             _resume(r)
         elif jax.process_index() == 0:
@@ -795,7 +926,11 @@ def train_epoch(r: Run) -> None:
         repeats=cfg.repeated_aug)
     acc_m, t_log, n_log, n_timed, step = None, time.time(), 0, 0, r.batch_in_epoch
     for b, local in enumerate(batches, start=r.batch_in_epoch):
-        r.state, metrics = r.train_step(r.state, _global_batch(local, r.rows))
+        r.state, metrics = r.step_fn(epoch * spe + b)(r.state, _global_batch(local, r.rows))
+        layers = metrics.pop("flip_layers", None)
+        if layers is not None:  # per-layer flip rates: summed over the epoch (sparsity line)
+            r.flip_sums = layers if r.flip_sums is None else jax.tree.map(jnp.add, r.flip_sums,
+                                                                           layers)
         acc_m = metrics if acc_m is None else jax.tree.map(jnp.add, acc_m, metrics)
         n_log += 1
         n_timed += 1
@@ -810,6 +945,11 @@ def train_epoch(r: Run) -> None:
             speed = n_timed * cfg.batch_size / dt if n_timed else float("nan")
             vals = {"loss": m["loss"] / max(m["count"], 1), "acc": 100 * m["correct"] / max(
                 m["count"], 1), "lr": m["lr"] / n_log, "img_per_s": speed}
+            if "flip_steps" in m:  # mean aggregate flip rate of the window's sparse steps
+                r.flip_steps += int(m["flip_steps"])
+                r.flip_agg += m["flip_rate"]
+                vals["flip_rate"] = (m["flip_rate"] / m["flip_steps"] if m["flip_steps"]
+                                     else None)
             r.skipped_total += int(m["invalid"])
             log.bar(epoch, cfg.epochs, step, spe, loss=vals["loss"], acc=vals["acc"],
                     lr=vals["lr"], **{"img/s": round(vals["img_per_s"], 1)})
@@ -835,13 +975,17 @@ def train_epoch(r: Run) -> None:
     r.check_finite("at the end of an epoch")
     is_best = False
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-        r.last_eval = evaluate(r.eval_step, r.state, r.data, cfg, r.rows)
+        dense = r.dense_after(epoch * spe)
+        r.last_eval = evaluate(r.dense_eval_step if dense else r.eval_step, r.state, r.data, cfg,
+                               r.rows)
         is_best = r.last_eval["top1"] > r.best_top1
         r.best_top1 = max(r.best_top1, r.last_eval["top1"])
-        log.record("eval", step=int(epoch * spe), epoch=epoch, **r.last_eval)
-        if r.hooks.summary is not None and r.hooks.method == "bimask":
+        log.record("eval", step=int(epoch * spe), epoch=epoch, **r.last_eval,
+                   **({"dense_finish": True} if dense else {}))
+        if r.hooks.summary is not None and (r.hooks.method == "bimask"
+                                            or r.hooks.flips is not None):
             log.record("sparsity", step=int(epoch * spe), epoch=epoch,
-                       **_mean_sparsity(r.hooks, r.state))
+                       **_mean_sparsity(r.hooks, r.state), **r.take_flip_rates())
         log.print(f"epoch {epoch}/{cfg.epochs}: val top-1 {r.last_eval['top1']:.2f}% "
                   f"top-5 {r.last_eval['top5']:.2f}% loss {r.last_eval['loss']:.4f} "
                   f"(best top-1 {r.best_top1:.2f}%)")
@@ -851,6 +995,7 @@ def train_epoch(r: Run) -> None:
 def _summary(r: Run) -> dict:
     return {
         "arch": r.cfg.arch, "method": r.cfg.method, "n": r.cfg.n, "m": r.cfg.m,
+        "wgrad": getattr(r.cfg, "wgrad", "dense"), "dense_from_step": r.dense_start,
         "epochs_done": r.epoch, "step": int(r.state["step"]), "params": r.n_params,
         "final_top1": r.last_eval["top1"] if r.last_eval else None,
         "final_top5": r.last_eval["top5"] if r.last_eval else None,
@@ -860,18 +1005,22 @@ def _summary(r: Run) -> dict:
 
 def finish(r: Run) -> dict:
     """Summary, sparsity.json and export (sparse methods, unless stopped early); the ``summary``
-    line of metrics.jsonl; returns the summary with ``state`` and ``hooks`` added."""
+    line of metrics.jsonl; returns the summary with ``state`` and ``hooks`` added. After a dense
+    finish the summary notes it and the export holds the raw (unmasked) kernels the model then
+    computes with (``bimask_jax.export`` of the dense-products model)."""
     cfg, log = r.cfg, r.log
     r.ckpt.wait()
     variables = {"params": r.state["params"], **r.state["model_state"]}
     export_top1 = None
     if r.hooks.summary is not None and not r.stopped:
-        rows = r.hooks.summary(r.hooks.model, variables, print_fn=log.print,
-                               sample_args=(_sample(r.data),), sample_kwargs={"train": False})
+        dense = r.dense_after(int(r.state["step"]))
+        hooks = (dataclasses.replace(r.hooks, model=r.hooks.dense_model) if dense else r.hooks)
+        rows = hooks.summary(hooks.model, variables, print_fn=log.print,
+                             sample_args=(_sample(r.data),), sample_kwargs={"train": False})
         if jax.process_index() == 0:
             with open(os.path.join(r.run_dir, "sparsity.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=str)
-        export_top1 = _export(r.hooks, r.module, variables, r.run_dir, cfg, r.data,
+        export_top1 = _export(hooks, r.module, variables, r.run_dir, cfg, r.data,
                               rows_sharding=r.rows)
     summary = {**_summary(r), "export_top1": export_top1, "skipped_images": r.skipped_total,
                "seconds": round(time.time() - r.t_start, 1), "stopped_early": r.stopped,
@@ -879,7 +1028,9 @@ def finish(r: Run) -> dict:
     log.record("summary", **summary)
     top1 = "n/a" if summary["final_top1"] is None else f"{summary['final_top1']:.2f}%"
     best = "n/a" if summary["best_top1"] is None else f"{summary['best_top1']:.2f}%"
-    log.print(f"SUMMARY {cfg.arch} method={cfg.method} {cfg.n}:{cfg.m} epochs={r.epoch} "
+    extra = "".join([" wgrad=mvue" if summary["wgrad"] == "mvue" else "",
+                     f" dense from step {r.dense_start + 1}" if r.dense_start is not None else ""])
+    log.print(f"SUMMARY {cfg.arch} method={cfg.method} {cfg.n}:{cfg.m}{extra} epochs={r.epoch} "
               f"step={summary['step']} final top-1 {top1} best top-1 {best} "
               f"skipped {r.skipped_total} images, {summary['seconds']}s, run dir {r.run_dir}")
     return {**summary, "state": r.state, "hooks": r.hooks}

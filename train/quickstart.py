@@ -22,7 +22,7 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.quickstart", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["dense", "bimask"],
-                   choices=["dense", "srste", "transposable", "bimask"])
+                   choices=["dense", "srste", "transposable", "bimask", "sste"])
     p.add_argument("--arch", default="resnet20")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
