@@ -141,7 +141,9 @@ def _efficacy_jit(score, ident, upper):
 def search_efficacy(score, identity_score, upper_bound):
     """Fraction of the gap between the identity permutation and the upper bound that a search
     closed: ``(score - identity) / (upper - identity)``. float32 (broadcast shape of the three
-    arguments); 1.0 where there is no gap."""
+    arguments); 1.0 where there is no gap. Negative when ``score`` is below the identity's, which
+    the reference's refresh policy (``keep_incumbent=False``: the best fresh candidate, whatever
+    its score) can give; a search that keeps its incumbent from the identity never does."""
     return _efficacy_jit(score, identity_score, upper_bound)
 
 
