@@ -72,9 +72,11 @@ def test_sparse_wgmma_kernel_lowers_for_cuda(tiles):
 
 def test_sparse_wgmma_wrappers_lower_for_cuda():
     m, k, c = 256, 512, 256
-    lower_cuda(spmm_sm90, S((m, k), BF16), S((k // 2, c), BF16), S((k // 8, c), jnp.uint8))
-    lower_cuda(spmm_bwd_data_sm90, S((m, c), BF16), S((c // 2, k), BF16),
-               S((c // 8, k), jnp.uint8), S((c,), jnp.int32))
+    fwd = lower_cuda(spmm_sm90, S((m, k), BF16), S((k // 2, c), BF16), S((k // 8, c), jnp.uint8))
+    bwd = lower_cuda(spmm_bwd_data_sm90, S((m, c), BF16), S((c // 2, k), BF16),
+                     S((c // 8, k), jnp.uint8), S((c,), jnp.int32))
+    for text in (fwd, bwd):  # each wrapper reaches the sparse wgmma kernel
+        assert "mosaic_gpu" in text and "wgmma.mma_async.sp.sync.aligned" in text
 
 
 def test_sparse_wgmma_lowering_catches_shared_memory_overflow():

@@ -89,9 +89,10 @@ def test_portable_kernel_on_mosaic_gpu(loads):
     split``. The Hopper route is the sparse wgmma of ``hopper_sparse.py`` instead.
     """
     try:
-        _portable_kernel_on_mosaic_gpu(64, 128, 64, loads)
+        text = _portable_kernel_on_mosaic_gpu(64, 128, 64, loads)
     except NotImplementedError as e:
         pytest.skip(f"Mosaic GPU cannot lower the portable kernel body: {e}")
+    assert "mosaic_gpu" in text  # a jax that lowers it must give a Mosaic GPU kernel
 
 
 def test_mosaic_gpu_lowering_catches_shared_memory_overflow():
