@@ -25,22 +25,9 @@ CIFAR_ARGS = ["--arch", "resnet8", "--width-mult", "0.25", "--image-size", "8", 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module only: the resume test compiles the same
-    program three times. Restored (and reset) afterwards so no other test sees it."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+def _module_compile_cache(compile_cache):
+    """Every test here shares one persistent compilation cache (``conftest.compile_cache``): the
+    resume tests compile the same programs several times."""
 
 
 @pytest.fixture(scope="module")

@@ -201,25 +201,6 @@ SPARSE = [f"stage{s}_block0/conv{c}" for s in (1, 2, 3) for c in (1, 2)]
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for the end-to-end runs of this module only (a stopped run,
-    its resume and the unbroken run compile the same programs); restored afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def tree(tmp_path_factory, compile_cache):
     return write_image_folder(tmp_path_factory.mktemp("tree"), classes=3, train_per_class=8,
                               val_per_class=2, size=8)
