@@ -1,7 +1,11 @@
 """Test-suite setup: XLA:CPU's convolution path (``train.xla_cpu``), chosen before JAX initialises
 its backend (XLA reads ``XLA_FLAGS`` once). ``BIMASK_XLA_CPU_CONV=auto|ynn|eigen`` overrides the
 per-machine rule; tests that start their own subprocess with their own ``XLA_FLAGS`` run XLA's
-default path."""
+default path.
+
+With pytest-xdist installed (the ``test`` extra) the suite runs on ``WORKERS`` worker processes
+unless ``-n`` is given (``-n 0``: one process): most of its time is single-threaded XLA
+compilation, which a second process overlaps."""
 
 import os
 
@@ -10,6 +14,20 @@ import pytest
 from train import xla_cpu
 
 CHOICE = xla_cpu.set_xla_flags(os.environ.get("BIMASK_XLA_CPU_CONV", "auto"))
+WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """``-n WORKERS --dist worksteal`` by default where pytest-xdist is installed (not in a worker,
+    and not when ``-n``, ``--collect-only`` or ``--pdb`` is given)."""
+    opt = config.option
+    if (not config.pluginmanager.hasplugin("xdist") or "PYTEST_XDIST_WORKER" in os.environ
+            or getattr(opt, "numprocesses", 0) is not None or opt.collectonly or opt.usepdb):
+        return
+    opt.numprocesses = WORKERS
+    if opt.dist == "no":
+        opt.dist = "worksteal"
 
 
 def pytest_report_header(config):

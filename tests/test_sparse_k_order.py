@@ -39,6 +39,7 @@ def test_default_is_hwi_and_skips_the_stem():
     assert not layers["head"].sparse and "input channels 10" in layers["head"].note
 
 
+@pytest.mark.slow
 def test_ihw_selection_methods_and_notes():
     model, v, x = _init("ihw", search="stripe")
     layers = {x.path: x for x in bf.layers(model, sample_args=(x,))}

@@ -87,6 +87,7 @@ def test_mvue_dense_weight_gradient_unbiased_by_averaging():
     assert np.all(np.abs(est.mean(0) - want) < 5 * sd + 1e-5)
 
 
+@pytest.mark.slow
 def test_mvue_conv_weight_gradient_unbiased_by_averaging():
     keys = jax.random.split(jax.random.key(5), 1000)
     xc = jnp.asarray(_normal(6, (2, 4, 4, 4)))
