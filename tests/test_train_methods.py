@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import bimask_jax as api
+from tests.test_train_loop import _leaves_equal, _lines
 from train import cifar, config, loop
 from train.config import apply_recipe, build_parser
 from train.testing import write_image_folder
@@ -204,18 +205,6 @@ SPARSE = [f"stage{s}_block0/conv{c}" for s in (1, 2, 3) for c in (1, 2)]
 def tree(tmp_path_factory, compile_cache):
     return write_image_folder(tmp_path_factory.mktemp("tree"), classes=3, train_per_class=8,
                               val_per_class=2, size=8)
-
-
-def _lines(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(x) for x in f]
-
-
-def _leaves_equal(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _refreshes(state):
