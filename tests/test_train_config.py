@@ -234,3 +234,12 @@ def test_new_settings_are_training_settings_compared_on_resume():
     a = config.training_settings(_parse("imagenet", []))
     b = config.training_settings(_parse("imagenet", ["--lighting", "0.2", "--k-order", "hwi"]))
     assert config.differences(a, b) == {"k_order": ("ihw", "hwi"), "lighting": (0.1, 0.2)}
+
+
+def test_zero_candidates_is_the_no_permutation_ablation_and_negative_is_refused(capsys):
+    """--num-candidates 0 (Bi-Mask without permutation, benchmarks' bimask-noperm) parses; -1 does
+    not, and the error names the flag."""
+    assert build_parser("cifar").parse_args(["--num-candidates", "0"]).num_candidates == 0
+    with pytest.raises(SystemExit):
+        build_parser("cifar").parse_args(["--num-candidates", "-1"])
+    assert "argument --num-candidates/--greedy_num" in capsys.readouterr().err

@@ -150,7 +150,7 @@ RULES = {
     "drop_path": _number(float, lo=0.0, hi=1.0, hi_open=True), "clip_grad": NONNEG_FLOAT,
     "repeated_aug": POSITIVE_INT, "reprob": FRACTION, "randaug_magnitude": NONNEG_FLOAT,
     "randaug_ops": NONNEG_INT, "n": POSITIVE_INT, "m": POSITIVE_INT,
-    "refresh_every": POSITIVE_INT, "num_candidates": POSITIVE_INT, "decay": NONNEG_FLOAT,
+    "refresh_every": POSITIVE_INT, "num_candidates": NONNEG_INT, "decay": NONNEG_FLOAT,
     "search_iterations": POSITIVE_INT, "seed": NONNEG_INT, "ckpt_every_steps": NONNEG_INT,
     "keep_checkpoints": POSITIVE_INT, "eval_every": POSITIVE_INT, "log_every": POSITIVE_INT,
     "num_processes": POSITIVE_INT, "process_id": NONNEG_INT, "stop_after_steps": NONNEG_INT,
