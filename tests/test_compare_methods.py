@@ -96,3 +96,15 @@ def test_semantics_flags_give_the_settings_they_name():
     stripe = cifar.parse(base + cm.method_flags("bimask-stripe", "reference"))
     assert stripe.search == "stripe" and stripe.keep_incumbent
     assert cm.method_flags("dense", "ours")[:2] == ["--method", "dense"]
+
+
+@pytest.mark.parametrize("semantics", sorted(cm.SEMANTICS))
+def test_every_method_flag_set_parses(semantics):
+    """Each method's flags are accepted by train/cifar.py (bimask-noperm: 0 candidates)."""
+    from train import cifar
+
+    for method in cm.METHODS:
+        cfg = cifar.parse(["--dataset", "digits", *cm.method_flags(method, semantics)])
+        assert cfg.method == cm.METHODS[method][1]
+    assert cifar.parse(["--dataset", "digits",
+                        *cm.method_flags("bimask-noperm", semantics)]).num_candidates == 0
