@@ -5,7 +5,8 @@ Bi-Mask refresh), so that load changes on a shared machine hit every method alik
     python benchmarks/lm_throughput.py --preset gpt2-tiny --batch-size 16 --rounds 5 --block 50
 
 Random tokens (throughput does not depend on the data). Prints one JSON line per method with the
-median and all per-round tokens/s.
+median and all per-round tokens/s; ``vs_dense`` is the ratio of the medians, ``vs_dense_paired`` the
+median of the per-round ratios (each round's methods run back to back, so they share its load).
 """
 
 from __future__ import annotations
@@ -70,9 +71,13 @@ def main(argv=None):
     base = statistics.median(per["dense"]) if "dense" in per else None
     for name, v in per.items():
         med = statistics.median(v)
+        # Paired: each round's ratio to the dense round just before it (same load), then the median.
+        paired = (round(statistics.median(x / d for x, d in zip(v, per["dense"], strict=True)), 3)
+                  if base else None)
         print(json.dumps({"method": name, "preset": a.preset, "batch": a.batch_size,
                           "median_tokens_per_s": round(med), "vs_dense": round(med / base, 3)
-                          if base else None, "rounds": [round(x) for x in v]}), flush=True)
+                          if base else None, "vs_dense_paired": paired,
+                          "rounds": [round(x) for x in v]}), flush=True)
 
 
 if __name__ == "__main__":
