@@ -27,7 +27,7 @@ PRELUDE = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     from flax import nnx
-    from train import lm, text_data
+    from train import lm, loop, text_data
     from train.checkpoint import Checkpointer
     from train.models import gpt
 
@@ -119,7 +119,7 @@ COLLECTIVES = PRELUDE + textwrap.dedent(
         st = tr.init_state
         jitted = jax.jit(tr._train_step, in_shardings=(tr.shardings, tr.batch_sharding),
                          out_shardings=(tr.shardings, tr.repl))
-        text = jitted.lower(st, batch(tr, 0)).compile(lm.FAST_COMPILE).as_text()
+        text = jitted.lower(st, batch(tr, 0)).compile(loop.FAST_COMPILE).as_text()
         found = Counter()
         for line in text.splitlines():
             mt = PAT.search(line)

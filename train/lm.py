@@ -60,10 +60,10 @@ from bimask_jax.masks import layer_masks  # noqa: E402
 from bimask_jax.permutation import search_permutation  # noqa: E402
 from train import text_data  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
+from train.loop import _compile  # noqa: E402
 from train.models import gpt  # noqa: E402
 
 MESH_AXES = ("data", "fsdp", "model")
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 # --------------------------------------------------------------------------------------------
 # Flags
@@ -368,10 +368,10 @@ class Trainer:
         fast = args.fast_compile
         self.train_step = _compile(jax.jit(
             self._train_step, in_shardings=(self.shardings, self.batch_sharding),
-            out_shardings=(self.shardings, self.repl), donate_argnums=0), fast)
+            out_shardings=(self.shardings, self.repl), donate_argnums=0), fast=fast)
         self.eval_step = _compile(jax.jit(
             self._eval_loss, in_shardings=(self.shardings, self.batch_sharding),
-            out_shardings=self.repl), fast)
+            out_shardings=self.repl), fast=fast)
 
     def model(self, state):
         """The nnx model with ``state``'s parameters and permutations (for ``summary``)."""
@@ -422,20 +422,6 @@ class Trainer:
     def put_batch(self, local: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in local.items()}
-
-
-def _compile(jitted, fast: bool):
-    if not fast:
-        return jitted
-    exe = None
-
-    def call(*args):
-        nonlocal exe
-        if exe is None:
-            exe = jitted.lower(*args).compile(FAST_COMPILE)
-        return exe(*args)
-
-    return call
 
 
 # --------------------------------------------------------------------------------------------
