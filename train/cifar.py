@@ -11,7 +11,9 @@ python-pickle directory, or ``--dataset digits``. Defaults: the reference code's
 its README flags): 300 epochs, batch 256, SGD 0.9, lr 0.1 cosine per epoch, weight decay 1e-3 on
 every parameter not named ``bn*``, label smoothing 0.1, crop 4 + flip, std (0.2023, 0.1994,
 0.2010), ``k_order="ihw"``, G = 10 fresh candidates per search (incumbent discarded), first search
-at step 0. ``train/README.md`` lists each with the flag for the alternative.
+at step 0, BatchNorm statistics over the whole batch (the reference's commands run on one GPU;
+``--bn-groups R``: per group of batch/R, as R GPUs). ``train/README.md`` lists each with the flag
+for the alternative.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def train(cfg) -> dict:
     import jax.numpy as jnp
 
     spec = create_model(cfg.arch, data.num_classes, width_mult=cfg.width_mult,
-                        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+                        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+                        bn_groups=getattr(cfg, "bn_groups", 1))
     return loop.run(cfg, spec.module, spec.dense_layers, data, script="cifar")
 
 

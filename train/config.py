@@ -155,6 +155,7 @@ RULES = {
     "keep_checkpoints": POSITIVE_INT, "eval_every": POSITIVE_INT, "log_every": POSITIVE_INT,
     "num_processes": POSITIVE_INT, "process_id": NONNEG_INT, "stop_after_steps": NONNEG_INT,
     "lighting": NONNEG_FLOAT, "dense_finish": _number(float, lo=0.0, hi=1.0, hi_open=True),
+    "bn_groups": POSITIVE_INT,
 }
 
 
@@ -219,6 +220,15 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                    help="scale all widths (rounded to multiples of 4); for small test models")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of the model (parameters stay float32)")
+    g.add_argument("--bn-groups", type=int, default=1, metavar="R",
+                   help="BatchNorm training statistics per group of batch/R consecutive samples "
+                        "(PyTorch's per-GPU BatchNorm, the batch split in order over R GPUs; the "
+                        "running averages follow the first group, as nn.DataParallel's device-0 "
+                        "replica). 1: over the whole global batch (synchronised BN). The "
+                        "reference's README commands run on one GPU (its --gpus default is a "
+                        "single id): R 1 reproduces them; a reference run with --gpus over k GPUs "
+                        "is R k. --batch-size must be divisible by R; CNNs only (DeiT has no "
+                        "BatchNorm)")
     g.add_argument("--workers", type=int, default=0,
                    help="grain worker processes for decode + augmentation (0: in-process)")
     g.add_argument("--prefetch", type=int, default=4, help="batches prefetched per worker")
@@ -379,7 +389,8 @@ def build_parser(script: str) -> argparse.ArgumentParser:
 def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
     """A new configuration: ``cfg`` with every ``None`` recipe setting filled from the recipe of
     ``family`` ("cifar_resnet", "vgg", "mobilenetv2", "resnet", "deit"); ``cfg`` is not changed.
-    Also checks the rules between flags (``0 < n <= m``)."""
+    Also checks the rules between flags (``0 < n <= m``; ``--bn-groups`` divides ``--batch-size``,
+    and is 1 for DeiT)."""
     if family not in RECIPES:
         raise ValueError(f"unknown model family {family!r}")
     recipe = RECIPES[family]
@@ -408,6 +419,12 @@ def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if values[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+    groups = values.get("bn_groups", 1)
+    if groups != 1 and family == "deit":
+        raise ValueError(f"--bn-groups {groups}: DeiT has no BatchNorm; --bn-groups must be 1")
+    if values["batch_size"] % groups:
+        raise ValueError(f"--batch-size {values['batch_size']} is not divisible by --bn-groups "
+                         f"{groups}: every BatchNorm group needs batch/R samples")
     if not 0 < values["n"] <= values["m"]:
         raise ValueError(f"--n/--m: N:M needs 0 < n <= m, got n={values['n']}, m={values['m']}")
     method = values.get("method", "bimask")
@@ -455,7 +472,7 @@ def training_settings(cfg) -> dict:
 
 # Settings added after checkpoints were first written, with the value that older runs computed
 # with: a checkpoint without one is read as having it (so such a run still resumes).
-LATER_SETTINGS = {"wgrad": "dense", "dense_finish": 0.0, "track_flips": False}
+LATER_SETTINGS = {"wgrad": "dense", "dense_finish": 0.0, "track_flips": False, "bn_groups": 1}
 
 
 def differences(stored: dict, current: dict) -> dict[str, tuple]:

@@ -11,6 +11,8 @@ lr 0.1 whatever the batch, per-step linear warm-up over 5 epochs times a per-epo
 on every parameter not named ``bn*``, label smoothing 0.1, PCA lighting 0.1, G = 100, first search
 at step 99; DeiT: ``main.py``: 300 epochs, AdamW 5e-4 x batch/512, wd 0.05, timm's per-epoch
 warm-up and cosine to 1e-5, drop-path 0.1, mixup 0.8 / cutmix 1.0, SR-STE decay 2e-4 x 256).
+ResNet BatchNorm statistics are over the whole batch (the reference's commands run on one GPU;
+``--bn-groups R``: per group of batch/R, as R GPUs).
 ``train/README.md`` lists each with the flag for the alternative.
 """
 
@@ -75,7 +77,8 @@ def train(cfg) -> dict:
 
     spec = create_model(cfg.arch, data.num_classes, width_mult=cfg.width_mult, depth=cfg.depth,
                         patch_size=cfg.patch_size, drop_path=cfg.drop_path,
-                        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+                        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+                        bn_groups=getattr(cfg, "bn_groups", 1))
     return loop.run(cfg, spec.module, spec.dense_layers, data, script="imagenet")
 
 

@@ -2,7 +2,8 @@
 
 Data parallel with ``jax.sharding``: one mesh axis ``"data"`` over every device of every host; the
 train state is replicated and each global batch is sharded along its first axis (BatchNorm
-statistics are therefore computed over the global batch, i.e. synchronised BN). Multi-host runs
+statistics are therefore computed over the global batch, i.e. synchronised BN, unless
+``--bn-groups R`` asks for PyTorch's per-GPU statistics over R consecutive slices). Multi-host runs
 call ``jax.distributed.initialize()`` first (``--distributed``); each host reads its own rows.
 
 The train state is a plain dict pytree::

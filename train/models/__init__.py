@@ -123,6 +123,7 @@ def create_model(
     patch_size: int | None = None,
     drop_path: float = 0.0,
     dtype: Any = jnp.float32,
+    bn_groups: int = 1,
 ) -> ModelSpec:
     """Build ``arch`` for ``num_classes`` classes.
 
@@ -131,11 +132,18 @@ def create_model(
     ``patch_size`` the DeiT patch (small test models); ``drop_path`` is DeiT's stochastic depth.
     The reference's CIFAR names fix the dataset (``resnet32_cifar100``: 100 classes;
     ``mobilenetv2``: 10): another ``num_classes`` is a ValueError.
+
+    ``bn_groups`` = R: the training-mode batch statistics of every BatchNorm are computed per
+    group of B/R consecutive samples (PyTorch's per-GPU BatchNorm with the batch split over R
+    GPUs; :func:`train.models.common.batch_norm`); 1 (default): over the whole batch. The
+    parameters and ``batch_stats`` do not depend on R. DeiT has no BatchNorm: R must be 1.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if width_mult <= 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
+    if isinstance(bn_groups, bool) or not isinstance(bn_groups, int) or bn_groups < 1:
+        raise ValueError(f"bn_groups must be an integer >= 1, got {bn_groups!r}")
     name = canonical_arch(arch)
     family, ref, kw = _ARCHS[name]
     kw = dict(kw)
@@ -143,7 +151,11 @@ def create_model(
     if classes is not None and classes != num_classes:
         raise ValueError(f"--arch {arch} is the reference's {classes}-class network, but the data "
                          f"has num_classes={num_classes}")
-    common = dict(num_classes=num_classes, width_mult=width_mult, dtype=dtype)
+    if family == "deit" and bn_groups != 1:
+        raise ValueError(f"bn_groups={bn_groups}: --arch {arch} (DeiT) has no BatchNorm; "
+                         f"bn_groups must be 1")
+    common = dict(num_classes=num_classes, width_mult=width_mult, dtype=dtype,
+                  bn_groups=bn_groups)
     ihw: tuple[str, ...] = ()
     if family == "cifar_resnet":
         if ref:

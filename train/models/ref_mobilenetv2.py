@@ -44,45 +44,53 @@ class RefBlock(nn.Module):
     expansion: int
     stride: int
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         planes = self.expansion * self.in_planes
-        y = nn.relu(batch_norm(train, "bn1", self.dtype)(
+        y = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(
             _conv(planes, 1, 1, self.dtype, "conv1")(x)))
-        y = nn.relu(batch_norm(train, "bn2", self.dtype)(
+        y = nn.relu(batch_norm(train, "bn2", self.dtype, groups=self.bn_groups)(
             _conv(planes, 3, self.stride, self.dtype, "conv2")(y)))
-        y = batch_norm(train, "bn3", self.dtype)(_conv(self.out_planes, 1, 1, self.dtype, "conv3")(y))
+        y = batch_norm(train, "bn3", self.dtype, groups=self.bn_groups)(
+            _conv(self.out_planes, 1, 1, self.dtype, "conv3")(y))
         if self.stride != 1:
             return y
         if self.in_planes != self.out_planes:
-            x = batch_norm(train, "shortcut_1", self.dtype)(
+            x = batch_norm(train, "shortcut_1", self.dtype, groups=self.bn_groups)(
                 _conv(self.out_planes, 1, 1, self.dtype, "shortcut_0")(x))
         return y + x
 
 
 class RefMobileNetV2(nn.Module):
     """The reference's MobileNetV2 for 32x32 inputs; ``width_mult`` scales every width (rounded
-    to multiples of 8)."""
+    to multiples of 8).
+    ``bn_groups``: BatchNorm statistics per group of B/``bn_groups`` consecutive samples in training
+    (``common.batch_norm``; 1: over the whole batch)."""
 
     num_classes: int = 10
     width_mult: float = 1.0
     cfg: tuple = CFG_CIFAR
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         ch = round_channels(32 * self.width_mult, 8)
-        x = nn.relu(batch_norm(train, "bn1", self.dtype)(_conv(ch, 3, 1, self.dtype, "conv1")(x)))
+        x = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(
+            _conv(ch, 3, 1, self.dtype, "conv1")(x)))
         i = 0
         for t, c, n, s in self.cfg:
             out = round_channels(c * self.width_mult, 8)
             for r in range(n):
-                x = RefBlock(ch, out, t, s if r == 0 else 1, self.dtype, name=f"layers_{i}")(x, train)
+                x = RefBlock(ch, out, t, s if r == 0 else 1, self.dtype, bn_groups=self.bn_groups,
+                             name=f"layers_{i}")(x, train)
                 ch = out
                 i += 1
         last = round_channels(1280 * self.width_mult, 8)
-        x = nn.relu(batch_norm(train, "bn2", self.dtype)(_conv(last, 1, 1, self.dtype, "conv2")(x)))
+        x = nn.relu(batch_norm(train, "bn2", self.dtype, groups=self.bn_groups)(
+            _conv(last, 1, 1, self.dtype, "conv2")(x)))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=torch_kernel_init,
                         bias_init=torch_bias_init(x.shape[-1]), dtype=self.dtype, name="linear")(x)

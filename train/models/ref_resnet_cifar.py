@@ -38,25 +38,29 @@ class RefBasicBlock(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = _conv3x3(self.planes, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        y = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(y))
         y = _conv3x3(self.planes, 1, self.dtype, "conv2")(y)
-        y = batch_norm(train, "bn2", self.dtype)(y)
+        y = batch_norm(train, "bn2", self.dtype, groups=self.bn_groups)(y)
         return nn.relu(y + shortcut_a(x, self.planes, self.stride))
 
 
 class RefResNetCifar(nn.Module):
     """The reference's CIFAR ResNet of depth 6n+2 (the reference builds 32; ``depth`` in 8, 14,
     20, 32, 44, 56, 110 gives the same class at other depths). ``width_mult`` scales 32/64/128
-    (rounded to multiples of 4)."""
+    (rounded to multiples of 4).
+    ``bn_groups``: BatchNorm statistics per group of B/``bn_groups`` consecutive samples in training
+    (``common.batch_norm``; 1: over the whole batch)."""
 
     depth: int = 32
     num_classes: int = 10
     width_mult: float = 1.0
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -64,11 +68,12 @@ class RefResNetCifar(nn.Module):
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {self.depth}")
         widths = [round_channels(c * self.width_mult) for c in (32, 64, 128)]
         x = _conv3x3(widths[0], 1, self.dtype, "conv1")(x)
-        x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+        x = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(x))
         for s, width in enumerate(widths):
             for b in range(DEPTHS[self.depth]):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = RefBasicBlock(width, stride, self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+                x = RefBasicBlock(width, stride, self.dtype, bn_groups=self.bn_groups,
+                                  name=f"layer{s + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1)
         return nn.Dense(self.num_classes, kernel_init=torch_kernel_init,
                         bias_init=torch_bias_init(x.shape[-1]), dtype=self.dtype, name="fc")(x)

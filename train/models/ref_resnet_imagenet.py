@@ -39,32 +39,40 @@ class RefResBlock(nn.Module):
     stride: int = 1
     bottleneck: bool = True
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         d = self.dtype
+
+        def bn(name):
+            return batch_norm(train, name, d, groups=self.bn_groups)
+
         if self.bottleneck:
             out = 4 * self.planes
-            y = nn.relu(batch_norm(train, "bn1", d)(_conv(self.planes, 1, 1, d, "conv1")(x)))
-            y = nn.relu(batch_norm(train, "bn2", d)(_conv(self.planes, 3, self.stride, d, "conv2")(y)))
-            y = batch_norm(train, "bn3", d)(_conv(out, 1, 1, d, "conv3")(y))
+            y = nn.relu(bn("bn1")(_conv(self.planes, 1, 1, d, "conv1")(x)))
+            y = nn.relu(bn("bn2")(_conv(self.planes, 3, self.stride, d, "conv2")(y)))
+            y = bn("bn3")(_conv(out, 1, 1, d, "conv3")(y))
         else:
             out = self.planes
-            y = nn.relu(batch_norm(train, "bn1", d)(_conv(self.planes, 3, self.stride, d, "conv1")(x)))
-            y = batch_norm(train, "bn2", d)(_conv(out, 3, 1, d, "conv2")(y))
+            y = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, d, "conv1")(x)))
+            y = bn("bn2")(_conv(out, 3, 1, d, "conv2")(y))
         if self.stride != 1 or x.shape[-1] != out:
-            x = batch_norm(train, "downsample_1", d)(_conv(out, 1, self.stride, d, "downsample_0")(x))
+            x = bn("downsample_1")(_conv(out, 1, self.stride, d, "downsample_0")(x))
         return nn.relu(y + x)
 
 
 class RefResNet(nn.Module):
     """The reference's ImageNet ResNet (it builds 18 and 50; ``depth`` in 18, 34, 50, 101, 152
-    gives the same class at other depths); widths 64..512 x ``width_mult``."""
+    gives the same class at other depths); widths 64..512 x ``width_mult``.
+    ``bn_groups``: BatchNorm statistics per group of B/``bn_groups`` consecutive samples in training
+    (``common.batch_norm``; 1: over the whole batch)."""
 
     depth: int = 50
     num_classes: int = 1000
     width_mult: float = 1.0
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -73,13 +81,13 @@ class RefResNet(nn.Module):
         kind, counts = LAYERS[self.depth]
         x = nn.Conv(round_channels(64 * self.width_mult), (7, 7), strides=2, padding=3,
                     use_bias=False, kernel_init=torch_kernel_init, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+        x = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s, (planes, count) in enumerate(zip((64, 128, 256, 512), counts, strict=True)):
             planes = round_channels(planes * self.width_mult)
             for b in range(count):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = RefResBlock(planes, stride, kind == "bottleneck", self.dtype,
+                x = RefResBlock(planes, stride, kind == "bottleneck", self.dtype, bn_groups=self.bn_groups,
                                 name=f"layer{s + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=torch_kernel_init,

@@ -47,12 +47,15 @@ class ClassifierConv(nn.Conv):
 
 
 class RefVGGCifar(nn.Module):
-    """The reference's VGG (``cfg``: conv widths and "M" max-pools; default VGG-19)."""
+    """The reference's VGG (``cfg``: conv widths and "M" max-pools; default VGG-19).
+    ``bn_groups``: BatchNorm statistics per group of B/``bn_groups`` consecutive samples in training
+    (``common.batch_norm``; 1: over the whole batch)."""
 
     cfg: tuple = CFG19
     num_classes: int = 10
     width_mult: float = 1.0
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -65,7 +68,7 @@ class RefVGGCifar(nn.Module):
             x = nn.Conv(round_channels(item * self.width_mult), (3, 3), padding=1,
                         use_bias=False, kernel_init=torch_kernel_init, dtype=self.dtype,
                         name=f"features_{idx}")(x)
-            x = nn.relu(batch_norm(train, f"features_{idx + 1}", self.dtype)(x))
+            x = nn.relu(batch_norm(train, f"features_{idx + 1}", self.dtype, groups=self.bn_groups)(x))
             idx += 3  # conv, BN, ReLU
         # AvgPool2d(kernel_size=1, stride=1) is the identity.
         if x.shape[1:3] != (1, 1):

@@ -37,6 +37,7 @@ class BasicBlockA(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -45,19 +46,22 @@ class BasicBlockA(nn.Module):
             kernel_init=conv_init, dtype=self.dtype, name=name,
         )
         y = conv(self.stride, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        y = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(y))
         y = conv(1, "conv2")(y)
-        y = batch_norm(train, "bn2", self.dtype)(y)
+        y = batch_norm(train, "bn2", self.dtype, groups=self.bn_groups)(y)
         return nn.relu(y + shortcut_a(x, self.features, self.stride))
 
 
 class ResNetCifar(nn.Module):
-    """CIFAR ResNet of depth 6n+2 (``depth`` in 8, 14, 20, 32, 44, 56, 110)."""
+    """CIFAR ResNet of depth 6n+2 (``depth`` in 8, 14, 20, 32, 44, 56, 110).
+    ``bn_groups``: BatchNorm statistics per group of B/``bn_groups`` consecutive samples in training
+    (``common.batch_norm``; 1: over the whole batch)."""
 
     depth: int = 20
     num_classes: int = 10
     width_mult: float = 1.0
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -66,10 +70,11 @@ class ResNetCifar(nn.Module):
         widths = [round_channels(c * self.width_mult) for c in (16, 32, 64)]
         x = nn.Conv(widths[0], (3, 3), padding=1, use_bias=False, kernel_init=conv_init,
                     dtype=self.dtype, name="stem")(x)
-        x = nn.relu(batch_norm(train, "stem_bn", self.dtype)(x))
+        x = nn.relu(batch_norm(train, "stem_bn", self.dtype, groups=self.bn_groups)(x))
         for s, width in enumerate(widths):
             for b in range(DEPTHS[self.depth]):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = BasicBlockA(width, stride, self.dtype, name=f"stage{s + 1}_block{b}")(x, train)
+                x = BasicBlockA(width, stride, self.dtype, bn_groups=self.bn_groups,
+                                name=f"stage{s + 1}_block{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)

@@ -32,14 +32,15 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_groups: int = 1
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        y = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(y))
         y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
-        y = batch_norm(train, "bn2", self.dtype)(y)
+        y = batch_norm(train, "bn2", self.dtype, groups=self.bn_groups)(y)
         return nn.relu(y + _shortcut(self, x, self.planes, train))
 
 
@@ -49,16 +50,17 @@ class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_groups: int = 1
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
-        y = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        y = nn.relu(batch_norm(train, "bn1", self.dtype, groups=self.bn_groups)(y))
         y = _conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)
-        y = nn.relu(batch_norm(train, "bn2", self.dtype)(y))
+        y = nn.relu(batch_norm(train, "bn2", self.dtype, groups=self.bn_groups)(y))
         y = _conv(self.planes * 4, 1, 1, self.dtype, "conv3")(y)
-        y = batch_norm(train, "bn3", self.dtype)(y)
+        y = batch_norm(train, "bn3", self.dtype, groups=self.bn_groups)(y)
         return nn.relu(y + _shortcut(self, x, self.planes * 4, train))
 
 
@@ -67,16 +69,19 @@ def _shortcut(block: nn.Module, x, out_channels: int, train: bool):
     if block.stride == 1 and x.shape[-1] == out_channels:
         return x
     y = _conv(out_channels, 1, block.stride, block.dtype, "downsample")(x)
-    return batch_norm(train, "downsample_bn", block.dtype)(y)
+    return batch_norm(train, "downsample_bn", block.dtype, groups=block.bn_groups)(y)
 
 
 class ResNet(nn.Module):
-    """ImageNet ResNet of ``depth`` in 18, 34, 50, 101, 152; widths 64..512 x ``width_mult``."""
+    """ImageNet ResNet of ``depth`` in 18, 34, 50, 101, 152; widths 64..512 x ``width_mult``.
+    ``bn_groups``: BatchNorm statistics per group of B/``bn_groups`` consecutive samples in training
+    (``common.batch_norm``; 1: over the whole batch)."""
 
     depth: int = 50
     num_classes: int = 1000
     width_mult: float = 1.0
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -85,12 +90,13 @@ class ResNet(nn.Module):
         kind, counts = LAYERS[self.depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         x = _conv(round_channels(64 * self.width_mult), 7, 2, self.dtype, "stem")(x)
-        x = nn.relu(batch_norm(train, "stem_bn", self.dtype)(x))
+        x = nn.relu(batch_norm(train, "stem_bn", self.dtype, groups=self.bn_groups)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s, (planes, count) in enumerate(zip((64, 128, 256, 512), counts, strict=True)):
             planes = round_channels(planes * self.width_mult)
             for b in range(count):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = block(planes, stride, self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+                x = block(planes, stride, self.dtype, bn_groups=self.bn_groups,
+                          name=f"layer{s + 1}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)

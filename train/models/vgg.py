@@ -22,12 +22,15 @@ DENSE_LAYERS = (r"(^|/)stem$", r"(^|/)classifier$")
 
 
 class VGGCifar(nn.Module):
-    """VGG with BatchNorm for CIFAR; ``cfg`` lists conv widths and "M" for 2x2 max-pools."""
+    """VGG with BatchNorm for CIFAR; ``cfg`` lists conv widths and "M" for 2x2 max-pools.
+    ``bn_groups``: BatchNorm statistics per group of B/``bn_groups`` consecutive samples in training
+    (``common.batch_norm``; 1: over the whole batch)."""
 
     cfg: tuple = CFG19
     num_classes: int = 10
     width_mult: float = 1.0
     dtype: Any = jnp.float32
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -39,7 +42,7 @@ class VGGCifar(nn.Module):
             name = "stem" if i == 0 else f"conv{i}"
             x = nn.Conv(round_channels(item * self.width_mult), (3, 3), padding=1,
                         use_bias=False, kernel_init=conv_init, dtype=self.dtype, name=name)(x)
-            x = nn.relu(batch_norm(train, f"bn{i}", self.dtype)(x))
+            x = nn.relu(batch_norm(train, f"bn{i}", self.dtype, groups=self.bn_groups)(x))
             i += 1
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
