@@ -315,3 +315,95 @@ def test_train_step_refreshes_the_stored_mask_at_refresh_steps():
     assert (np_mask(kernels[1]) != masks[0]).any()  # the kernel's own mask moved at step 1
     np.testing.assert_array_equal(masks[2], np_mask(kernels[2]))
     assert int(state["model_state"]["bimask"]["Conv_0"]["refreshes"]) == 2
+
+
+@pytest.mark.slow
+def test_lm_trainer_refreshes_the_stored_mask_at_refresh_steps():
+    """train/lm.py with --method transposable --mask-update refresh --refresh-every 2 (one device):
+    the stored masks (recomputed through ShardedSparseOp.masks) follow the schedule of the
+    cifar/imagenet step, and Trainer.masks reports them."""
+    from flax import nnx as _nnx
+
+    from train import lm, text_data
+    from train.models import gpt
+
+    gcfg = gpt.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    args = lm.build_parser().parse_args([
+        "--data", "unused", "--method", "transposable", "--mask-update", "refresh",
+        "--refresh-every", "2", "--batch-size", "4", "--steps", "3", "--warmup-steps", "0",
+        "--lr", "5e-2", "--fast-compile"])
+    tr = lm.Trainer(args, gcfg, lm.make_mesh((1, 1, 1)))
+    tokens = np.random.default_rng(0).integers(0, 32, 2000).astype(np.uint16)
+
+    def masks_and_kernels(st):
+        flat = dict(_nnx.to_flat_state(st["bimask"]))
+        params = dict(_nnx.to_flat_state(st["params"]))
+        return ({p[:-2]: np.asarray(v[...]) for p, v in flat.items() if p[-1] == "mask"},
+                {p[:-1]: np.asarray(v[...]) for p, v in params.items() if p[-1] == "kernel"})
+
+    st = tr.init_state
+    seq = [masks_and_kernels(st)]
+    for s in range(3):
+        st, _ = tr.train_step(st, tr.put_batch(text_data.batch_at(
+            tokens, seed=0, step=s, batch_size=4, block_size=8)))
+        seq.append(masks_and_kernels(st))
+    (m0, k0), (m1, k1), (m2, k2), (m3, _) = seq
+    assert len(m0) == 4  # qkv, out, up, down of the one block
+    for path in m0:
+        np.testing.assert_array_equal(m1[path], _np_best_mask(k0[path], 2, 4))  # step 0
+        np.testing.assert_array_equal(m2[path], m1[path])  # step 1: kept
+        np.testing.assert_array_equal(m3[path], _np_best_mask(k2[path], 2, 4))  # step 2
+    assert any((_np_best_mask(k1[p], 2, 4) != m1[p]).any() for p in m0)  # the kernels moved
+    reported = jax.jit(tr.masks)(st)
+    for path in m0:
+        fwd, bwd = reported["/".join(map(str, path))]
+        np.testing.assert_array_equal(fwd, m3[path])
+        np.testing.assert_array_equal(bwd, m3[path])
+
+
+_LM_MESHES = """
+import json
+import jax, numpy as np
+from flax import nnx
+from train import lm, text_data
+from train.models import gpt
+
+assert jax.device_count() == 8, jax.devices()
+GCFG = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+TOKENS = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
+out = {}
+for shape in [(1, 1, 1), (2, 2, 2)]:
+    args = lm.build_parser().parse_args([
+        "--data", "unused", "--method", "transposable", "--mask-update", "refresh",
+        "--refresh-every", "2", "--batch-size", "8", "--steps", "3", "--warmup-steps", "0",
+        "--lr", "1e-2", "--perm-blocks", "2", "--fast-compile"])
+    tr = lm.Trainer(args, GCFG, lm.make_mesh(shape))
+    st, losses = tr.init_state, []
+    for s in range(3):
+        st, met = tr.train_step(st, tr.put_batch(text_data.batch_at(
+            TOKENS, seed=0, step=s, batch_size=8, block_size=16)))
+        losses.append(float(met["loss"]))
+    masks = {"/".join(map(str, p[:-2])): v[...] for p, v in nnx.to_flat_state(st["bimask"])
+             if p[-1] == "mask"}
+    if shape == (2, 2, 2):
+        for k, v in masks.items():
+            role = "row" if k.endswith(("out", "down")) else "column"
+            assert v.sharding.spec == gpt.COMPUTE[role], (k, v.sharding)
+    out[shape] = (losses, {k: np.asarray(v) for k, v in masks.items()})
+(l1, m1), (l8, m8) = out[(1, 1, 1)], out[(2, 2, 2)]
+np.testing.assert_allclose(l8, l1, rtol=2e-4)
+assert sorted(m1) == sorted(m8) and len(m1) == 8
+for k in m1:
+    np.testing.assert_array_equal(m8[k], m1[k], err_msg=k)
+print(json.dumps({"ok": True, "losses": l1}))
+"""
+
+
+@pytest.mark.slow
+def test_lm_stored_masks_on_a_tensor_parallel_mesh_equal_single_device():
+    """--mask-update refresh on the (2, 2, 2) mesh of 8 host devices (subprocess): the stored masks
+    are sharded as the kernels are used and equal the single-device run's after 3 steps (two
+    refreshes); the losses agree."""
+    from tests.test_lm_parallel import _run
+
+    assert len(_run(_LM_MESHES)["losses"]) == 3
