@@ -11,7 +11,8 @@ Sources (the authors' code; the paper was not available here, so rules cite file
   pattern count is small (``m <= 5``).
 * Periodic update: thu-ml/2by4-pretrain-acc-examples ``v1/nanoGPT/sparse_ops.py``
   (``SparseLinearTranspose.forward``): the mask is recomputed when the optimizer-step counter is a
-  multiple of ``freq = 40`` (including step 0) and reused in between: :func:`periodic_mask`.
+  multiple of ``freq = 40`` (including step 0) and reused in between: :func:`periodic_mask`; in
+  the Flax wrapper, ``bimask_jax.sparse(..., method="transposable", mask_update="refresh")``.
 * Masked decay: ``sparse/decay.py::masked_add_`` ("equivalent to
   ``grad.add_(p.data * (1 - p.mask), alpha=decay)``"), called in ``v1/nanoGPT/train.py`` on every
   optimizer step while the layer is sparse, after gradient clipping and before the optimizer step,

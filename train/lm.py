@@ -29,7 +29,8 @@ The masks go through the wrapper's hook: each sparse layer's :class:`~bimask_jax
 (found with :func:`bimask_jax.flax.sparse_ops`) is replaced by :class:`ShardedSparseOp`, which
 keeps its record (``perm``, ``refreshes``) and overrides ``masks``. The wrapper's refresh searches
 whole permutations on whole kernels, so this script refreshes the permutations itself
-(:func:`refresh_permutations`).
+(:func:`refresh_permutations`), and with ``--mask-update refresh`` (transposable: Hu et al.'s
+periodic update) also the stored masks, sharded as the kernels are used, through ``masks``.
 """
 
 from __future__ import annotations
