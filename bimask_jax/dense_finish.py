@@ -1,6 +1,8 @@
 """Dense finish: train the last fraction of the steps dense.
 
-Hu et al. (ICML 2024), thu-ml/2by4-pretrain-acc-examples ``v1/nanoGPT/train.py``: every sparse layer
+Hu et al. (ICML 2024, arXiv:2404.01847v3: "a dense fine-tuning procedure near the end of
+pre-training", in its abstract; the paper's equations could not be read here), as in their code,
+thu-ml/2by4-pretrain-acc-examples ``v1/nanoGPT/train.py``: every sparse layer
 switches to dense (``p.mode = 'dense'``) at iteration 250000 of 300000, i.e. the last 1/6 of the
 steps; from then on the masks, the masked decay and the sparse products are off.
 """

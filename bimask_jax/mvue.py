@@ -1,6 +1,7 @@
 """Unbiased N:M sparsification of the output gradient for the weight-gradient product.
 
-Chmiel et al. (ICLR 2023, "Minimum Variance Unbiased N:M Sparsity for the Neural Gradients") make
+Chmiel et al. (ICLR 2023, "Minimum Variance Unbiased N:M Sparsity for the Neural Gradients",
+arXiv:2203.10991v3; only its abstract and introduction could be read here, not its equations) make
 the weight-gradient GEMM ``dW = x^T g`` N:M by replacing ``g`` with a random N:M array ``g_hat``
 with ``E[g_hat] = g``, so ``E[x^T g_hat] = x^T g``. Hu et al. (ICML 2024) apply this to ``g^T``,
 i.e. with the groups of ``m`` consecutive entries running along the *token* (batch) axis of

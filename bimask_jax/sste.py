@@ -2,8 +2,10 @@
 
 Source of the rule: the authors' code, thu-ml/2by4-pretrain-acc-examples ``v2/nanoGPT/sparse_ops.py``
 (``SoftThreshold``, ``FP8SparseLinear.init_scale``) and huyz2023/2by4-pretrain ``sparse/utils.py``
-(``_soft_threshold``) / ``sparse/legacy.py`` (``soft_threshold24_torch``). The paper itself was not
-available here, so the rules below cite those files and functions, not equation numbers.
+(``_soft_threshold``) / ``sparse/legacy.py`` (``soft_threshold24_torch``). The paper is
+arXiv:2409.09099v3 (its abstract: weights continuously projected to be 2:4 sparse and rescaled
+with a per-tensor fixed scaling factor); only its abstract and introduction could be read here,
+not the equations, so the rules below cite those files and functions, not equation numbers.
 
 For every group ``a`` of ``m`` consecutive entries along ``axis``, with ``t`` the largest *dropped*
 magnitude, i.e. the ``(n+1)``-th largest ``|a_i|`` (the 3rd largest for 2:4; ``t = 0`` when

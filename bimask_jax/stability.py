@@ -3,7 +3,9 @@
 The flip rate between consecutive forward masks ``m_{t-1}`` and ``m_t`` of one layer is the
 fraction of entries whose keep/drop state changed, ``r_t = ||m_t - m_{t-1}||_1 / D`` over the
 layer's ``D`` mask entries (Hu et al. use it as the stability signal of 2:4 training; thu-ml
-2by4-pretrain-acc-examples ``README.md`` cites the paper). The aggregate over layers weights each
+2by4-pretrain-acc-examples ``README.md`` cites the paper, arXiv:2404.01847v3, whose abstract
+introduces the flip rate; its defining equation and number could not be read here, so this
+statement is not taken from a numbered equation). The aggregate over layers weights each
 layer by its entry count, i.e. it is the fraction of all mask entries that flipped.
 """
 

@@ -1,6 +1,9 @@
 """Transposable N:M training as in Hu et al. (ICML 2024), as pure functions.
 
-Sources (the authors' code; the paper was not available here, so rules cite files/functions):
+Sources: the authors' code. The paper is arXiv:2404.01847v3 (its abstract names the flip rate,
+the masked decay on gradients, the dense fine-tuning near the end of pre-training and the
+transposable 2:4 masks computed by convolution); only its abstract and introduction could be read
+here, not the equations, so the rules cite files/functions, not equation numbers:
 
 * Mask: huyz2023/2by4-pretrain ``sparse/transposable_semi_structured.py``
   (``TransposableSparse``): the weight is cut into 4x4 blocks; the 90 4x4 0/1 patterns with exactly
@@ -11,7 +14,8 @@ Sources (the authors' code; the paper was not available here, so rules cite file
   pattern count is small (``m <= 5``).
 * Periodic update: thu-ml/2by4-pretrain-acc-examples ``v1/nanoGPT/sparse_ops.py``
   (``SparseLinearTranspose.forward``): the mask is recomputed when the optimizer-step counter is a
-  multiple of ``freq = 40`` (including step 0) and reused in between: :func:`periodic_mask`.
+  multiple of ``freq = 40`` (including step 0) and reused in between: :func:`periodic_mask`; in
+  the Flax wrapper, ``bimask_jax.sparse(..., method="transposable", mask_update="refresh")``.
 * Masked decay: ``sparse/decay.py::masked_add_`` ("equivalent to
   ``grad.add_(p.data * (1 - p.mask), alpha=decay)``"), called in ``v1/nanoGPT/train.py`` on every
   optimizer step while the layer is sparse, after gradient clipping and before the optimizer step,

@@ -85,6 +85,7 @@ WD_RULES = ("bn_name", "kernels")
 FIRST_REFRESH = ("start", "end")
 K_ORDERS = ("ihw", "hwi")
 WGRADS = ("dense", "mvue")
+MASK_UPDATES = ("step", "refresh")
 RECIPES = {"cifar_resnet": CIFAR_RECIPE, "vgg": CIFAR_RECIPE, "mobilenetv2": CIFAR_RECIPE,
            "resnet": RESNET_RECIPE, "deit": DEIT_RECIPE}
 
@@ -296,7 +297,8 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     g.add_argument("--n", "--N", dest="n", type=int, default=2, help="N of N:M")
     g.add_argument("--m", "--M", dest="m", type=int, default=4, help="M of N:M")
     g.add_argument("--refresh-every", "--iter", dest="refresh_every", type=int, default=100,
-                   help="Bi-Mask: steps between permutation searches")
+                   help="Bi-Mask: steps between permutation searches; transposable with "
+                        "--mask-update refresh: steps between mask recomputations")
     g.add_argument("--num-candidates", "--greedy_num", dest="num_candidates", type=int,
                    default=None, help="Bi-Mask: random permutations tried per search (default: "
                    "the reference's, CIFAR 10, ImageNet 100)")
@@ -343,6 +345,12 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                         "in a step; Hu et al., ICML 2024): the aggregate in the train lines of "
                         "metrics.jsonl, per layer in the per-epoch sparsity line (one bool per "
                         "kernel entry kept in the checkpointed state)")
+    g.add_argument("--mask-update", default="step", choices=list(MASK_UPDATES),
+                   help="transposable: step, the mask recomputed from the kernel at every step; "
+                        "refresh, Hu et al.'s (ICML 2024) periodic update: the mask is kept in "
+                        "the checkpointed state (one bool per kernel entry) and recomputed only "
+                        "at the refresh steps (--refresh-every, --first-refresh; their schedule: "
+                        "--refresh-every 40 --first-refresh start, steps 0, 40, 80, ...)")
 
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", "--job_dir", "--job-dir", dest="run_dir", default=None,
@@ -433,6 +441,9 @@ def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
             if values.get(name, off) != off:
                 raise ValueError(f"--{name.replace('_', '-')} is an option of the sparse methods, "
                                  f"got --method dense")
+    if values.get("mask_update", "step") == "refresh" and method != "transposable":
+        raise ValueError(f"--mask-update refresh (Hu et al.'s periodic update of the stored "
+                         f"transposable mask) needs --method transposable, got --method {method}")
     if values.get("wgrad", "dense") == "mvue" and values["n"] > 2:
         raise ValueError(f"--wgrad mvue keeps 1 or 2 of every m output-gradient entries: it needs "
                          f"--n <= 2, got --n {values['n']}")
@@ -472,7 +483,8 @@ def training_settings(cfg) -> dict:
 
 # Settings added after checkpoints were first written, with the value that older runs computed
 # with: a checkpoint without one is read as having it (so such a run still resumes).
-LATER_SETTINGS = {"wgrad": "dense", "dense_finish": 0.0, "track_flips": False, "bn_groups": 1}
+LATER_SETTINGS = {"wgrad": "dense", "dense_finish": 0.0, "track_flips": False, "bn_groups": 1,
+                  "mask_update": "step"}
 
 
 def differences(stored: dict, current: dict) -> dict[str, tuple]:

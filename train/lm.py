@@ -29,7 +29,8 @@ The masks go through the wrapper's hook: each sparse layer's :class:`~bimask_jax
 (found with :func:`bimask_jax.flax.sparse_ops`) is replaced by :class:`ShardedSparseOp`, which
 keeps its record (``perm``, ``refreshes``) and overrides ``masks``. The wrapper's refresh searches
 whole permutations on whole kernels, so this script refreshes the permutations itself
-(:func:`refresh_permutations`).
+(:func:`refresh_permutations`), and with ``--mask-update refresh`` (transposable: Hu et al.'s
+periodic update) also the stored masks, sharded as the kernels are used, through ``masks``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="column-parallel layers: blocks of the block-diagonal permutation "
                         "(default: the model axis size; a multiple of it)")
     g.add_argument("--decay", type=float, default=2e-4, help="SR-STE decay on pruned weights")
+    g.add_argument("--mask-update", default="step", choices=["step", "refresh"],
+                   help="transposable: step, the mask recomputed from the kernel at every step; "
+                        "refresh, Hu et al.'s (ICML 2024) periodic update: the mask is kept in the "
+                        "state and recomputed at steps s %% --refresh-every == 0 only (theirs: "
+                        "--refresh-every 40)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--mesh", default=None,
                    help="D,F,M sizes of the (data, fsdp, model) axes (default: all devices on data)")
@@ -172,8 +178,9 @@ class ShardedSparseOp(bflax.SparseOp):
     (the column-parallel permutation is block-diagonal with blocks inside a device's columns).
     """
 
-    def __init__(self, op: bflax.SparseOp, role: str, mesh):
-        super().__init__(op.config, op.layer, op.conv, op.perm.shape[-1], op.perm.shape[:-1])
+    def __init__(self, op: bflax.SparseOp, role: str, mesh, kernel):
+        super().__init__(op.config, op.layer, op.conv, op.perm.shape[-1], op.perm.shape[:-1],
+                         kernel=kernel)
         for name, value in op.record().items():
             getattr(self, name)[...] = value
         self.role = role
@@ -202,6 +209,15 @@ def perm_sharding(role: str):
     return P("model") if role == "column" else P()
 
 
+def bimask_sharding(field: str, role: str):
+    """The partition spec of a sparse layer's record field: its permutation by
+    :func:`perm_sharding`, a stored kernel-shaped mask (``--mask-update refresh``) as the kernel
+    is used (``gpt.COMPUTE``), the rest replicated."""
+    if field == "perm":
+        return perm_sharding(role)
+    return gpt.COMPUTE[role] if field == "mask" else P()
+
+
 def build_model(args, gcfg: gpt.GPTConfig, mesh):
     """The GPT of ``gcfg`` (seeded by ``args.seed``) made sparse by ``bimask_jax.sparse`` with the
     masks moved to :class:`ShardedSparseOp` (``dense``: the plain model)."""
@@ -212,9 +228,10 @@ def build_model(args, gcfg: gpt.GPTConfig, mesh):
     bimask_jax.sparse(model, n=args.n, m=args.m, method=args.method,
                       num_candidates=args.num_candidates, refresh_every=args.refresh_every,
                       decay=args.decay, exclude=gpt.DENSE_LAYERS, search=args.search,
-                      search_iterations=args.search_iterations)
+                      search_iterations=args.search_iterations,
+                      mask_update=getattr(args, "mask_update", "step"))
     for _, layer, op in bflax.sparse_ops(model):
-        layer.dot_general = nnx.data(ShardedSparseOp(op, layer.role, mesh))
+        layer.dot_general = nnx.data(ShardedSparseOp(op, layer.role, mesh, layer.kernel[...]))
     return model
 
 
@@ -255,7 +272,9 @@ def refresh_permutations(model, key, due, args, perm_blocks: int, mesh) -> None:
     search ``perm_blocks`` diagonal blocks (block ``b``: ``fold_in(fold_in(key, i), b)``) inside
     ``jax.shard_map`` over their columns, row-parallel layers the whole permutation with their
     rows split (the compiler sums the candidates' scores). Every layer's ``refreshes`` counts the
-    due steps. The incumbent is the current permutation, so no refresh lowers a layer's score."""
+    due steps. The incumbent is the current permutation, so no refresh lowers a layer's score.
+    A transposable layer that stores its mask (``--mask-update refresh``) gets it recomputed from
+    its current kernel by its op's :meth:`ShardedSparseOp.masks` (where the kernel lives)."""
     layers = sparse_layers(model)
     if not layers:
         return
@@ -291,6 +310,16 @@ def refresh_permutations(model, key, due, args, perm_blocks: int, mesh) -> None:
     for (_, _, op), p in zip(layers, new, strict=True):
         op.perm[...] = p
         op.refreshes[...] = op.refreshes[...] + due.astype(jnp.int32)
+    stored = [i for i, (_, _, op) in enumerate(layers) if "mask" in op.fields]
+    if stored:
+        def recompute(ws, olds):
+            return [layers[i][2].masks(ws[i], ws[i].shape[-1], "transposable", perms[i])[0]
+                    for i in stored]
+
+        masks = jax.lax.cond(due, recompute, lambda ws, olds: list(olds), kernels,
+                             [layers[i][2].mask[...] for i in stored])
+        for i, mask in zip(stored, masks, strict=True):
+            layers[i][2].mask[...] = mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,8 +381,8 @@ class Trainer:
         param_sh = nnx.get_named_sharding(params, mesh)
         roles = {path: layer.role for path, layer, _ in sparse_layers(model)}
         bimask_sh = nnx.from_flat_state([
-            (path, var.replace(NamedSharding(mesh, perm_sharding(roles[tuple(path[:-2])])
-                                             if path[-1] == "perm" else P())))
+            (path, var.replace(NamedSharding(mesh, bimask_sharding(path[-1],
+                                                                   roles[tuple(path[:-2])]))))
             for path, var in nnx.to_flat_state(bimask)])
         params = jax.device_put(params, param_sh)
         bimask = jax.device_put(bimask, bimask_sh)
@@ -379,7 +408,7 @@ class Trainer:
 
     def refreshed(self, state):
         """``state["bimask"]`` after the refresh of ``state["step"]`` (when due)."""
-        if self.args.method != "bimask":
+        if self.args.method != "bimask" and getattr(self.args, "mask_update", "step") != "refresh":
             return state["bimask"]
         model = self.model(state)
         step = state["step"]
@@ -412,7 +441,10 @@ class Trainer:
         out = {}
         for path, layer, op in sparse_layers(self.model(state)):
             c = layer.kernel.shape[-1]
-            fwd, bwd = op.masks(layer.kernel[...], c, op.layer.method, op.perm[...])
+            if "mask" in op.fields:  # --mask-update refresh: the stored transposable mask
+                fwd = bwd = op.mask[...]
+            else:
+                fwd, bwd = op.masks(layer.kernel[...], c, op.layer.method, op.perm[...])
             out["/".join(map(str, path))] = (fwd, bwd)
         return out
 
@@ -493,6 +525,10 @@ def main(argv=None) -> dict:
     for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "refresh_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.mask_update == "refresh" and args.method != "transposable":
+        raise ValueError(f"--mask-update refresh (Hu et al.'s periodic update of the stored "
+                         f"transposable mask) needs --method transposable, got --method "
+                         f"{args.method}")
     tokens, data_vocab = text_data.load_tokens(args.data)
     is_bin = args.data.endswith(".bin")
     overrides = {}
@@ -579,7 +615,8 @@ def main(argv=None) -> dict:
             save_checkpoint(ckpt, state, meta())
     ckpt.close()
     summary = {"preset": args.preset, "method": args.method, "n": args.n, "m": args.m,
-               "search": args.search, "step": step, "params": trainer.n_params,
+               "search": args.search, "mask_update": args.mask_update, "step": step,
+               "params": trainer.n_params,
                "final_val_loss": val_loss, "mesh": mesh_shape, "seed": args.seed,
                "seconds": round(time.time() - t_start, 1), "stopped_early": stopped,
                "run_dir": run_dir}

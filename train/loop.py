@@ -111,8 +111,10 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
     layers kept dense (the model's exclusions); the wrapper also leaves depthwise convs and layers
     whose input channels (``k_order="hwi"``) or kernel size (``"ihw"``) do not fit M dense.
     Bi-Mask refreshes the permutations inside the jitted step at the steps :func:`refresh_steps`
-    gives (``cfg.first_refresh``). ``cfg.wgrad`` and ``cfg.track_flips`` (default ``"dense"``,
-    False) go to ``bimask_jax.sparse``."""
+    gives (``cfg.first_refresh``), and so does ``transposable`` with ``cfg.mask_update ==
+    "refresh"`` its stored masks (Hu et al.'s periodic update: ``refresh_every=40``,
+    ``first_refresh="start"``). ``cfg.wgrad``, ``cfg.track_flips`` and ``cfg.mask_update``
+    (default ``"dense"``, False, ``"step"``) go to ``bimask_jax.sparse``."""
     if cfg.method == "dense":
         return SparseHooks(model=module, method="dense")
     import bimask_jax as api
@@ -124,9 +126,10 @@ def sparsify(module, cfg: argparse.Namespace, dense_layers: tuple[str, ...]) -> 
         k_order=getattr(cfg, "k_order", "hwi"),
         keep_incumbent=bool(getattr(cfg, "keep_incumbent", True)),
         wgrad=getattr(cfg, "wgrad", "dense"), track_flips=bool(getattr(cfg, "track_flips", False)),
+        mask_update=getattr(cfg, "mask_update", "step"),
     )
     refresh = wgrad_key = flips = None
-    if cfg.method == "bimask":
+    if cfg.method == "bimask" or getattr(cfg, "mask_update", "step") == "refresh":
         shift = refresh_shift(getattr(cfg, "first_refresh", "start"))
 
         def refresh(key, variables, step):
@@ -996,7 +999,8 @@ def train_epoch(r: Run) -> None:
 def _summary(r: Run) -> dict:
     return {
         "arch": r.cfg.arch, "method": r.cfg.method, "n": r.cfg.n, "m": r.cfg.m,
-        "wgrad": getattr(r.cfg, "wgrad", "dense"), "dense_from_step": r.dense_start,
+        "wgrad": getattr(r.cfg, "wgrad", "dense"),
+        "mask_update": getattr(r.cfg, "mask_update", "step"), "dense_from_step": r.dense_start,
         "epochs_done": r.epoch, "step": int(r.state["step"]), "params": r.n_params,
         "final_top1": r.last_eval["top1"] if r.last_eval else None,
         "final_top5": r.last_eval["top5"] if r.last_eval else None,
@@ -1030,6 +1034,7 @@ def finish(r: Run) -> dict:
     top1 = "n/a" if summary["final_top1"] is None else f"{summary['final_top1']:.2f}%"
     best = "n/a" if summary["best_top1"] is None else f"{summary['best_top1']:.2f}%"
     extra = "".join([" wgrad=mvue" if summary["wgrad"] == "mvue" else "",
+                     " mask_update=refresh" if summary["mask_update"] == "refresh" else "",
                      f" dense from step {r.dense_start + 1}" if r.dense_start is not None else ""])
     log.print(f"SUMMARY {cfg.arch} method={cfg.method} {cfg.n}:{cfg.m}{extra} epochs={r.epoch} "
               f"step={summary['step']} final top-1 {top1} best top-1 {best} "

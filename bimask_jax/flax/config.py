@@ -13,6 +13,10 @@ from bimask_jax.masked_products import WGRADS
 from bimask_jax.masks import METHODS
 from bimask_jax.permutation import SEARCH_METHODS
 
+# How a "transposable" layer's mask follows its kernel: recomputed at every call ("step") or stored
+# in the state and recomputed only by the refresh ("refresh": Hu et al.'s periodic update).
+MASK_UPDATES = ("step", "refresh")
+
 # "pallas" routes products to the 2:4 kernels (sparse_dense/sparse_conv(backend="pallas")).
 BACKENDS = ("xla", "pallas")
 
@@ -94,6 +98,13 @@ class SparseConfig:
       track_flips: keep each layer's forward mask of the last :func:`~bimask_jax.flax.state.track_flips`
         call in the record (``prev_fwd``, one bool per kernel entry), so that ``track_flips`` and
         ``summary`` report the flip rate (Hu et al., ICML 2024).
+      mask_update: ``"step"`` (default) or ``"refresh"`` (only with ``method="transposable"``): Hu
+        et al.'s (ICML 2024) periodic transposable mask update. Each transposable layer keeps its
+        mask in the state (``mask``, one bool per kernel entry, initially the mask of the initial
+        kernel), uses it for the forward and backward-data products and the masked decay, and
+        recomputes it from the current kernel only in :func:`~bimask_jax.flax.state.refresh_state`
+        (every ``refresh_every`` steps from step 0 under the training scripts; 40 in the authors'
+        code). ``"step"``: the mask is recomputed from the kernel at every call.
       dense_products: every selected layer runs the plain dense product of its raw kernel (no mask,
         no S-STE weight, no MVUE), its state still created, checked and kept: the dense finish
         (:func:`~bimask_jax.flax.state.with_dense_products`).
@@ -115,6 +126,7 @@ class SparseConfig:
     keep_incumbent: bool = True
     wgrad: str = "dense"
     track_flips: bool = False
+    mask_update: str = "step"
     dense_products: bool = False
 
     def __post_init__(self):
@@ -157,6 +169,13 @@ class SparseConfig:
             raise ValueError(f"wgrad must be one of {WGRADS}, got {self.wgrad!r}")
         if self.wgrad == "mvue" and n > 2:
             raise ValueError(f"wgrad='mvue' keeps n in (1, 2) of every m gradient entries, got n={n}")
+        if self.mask_update not in MASK_UPDATES:
+            raise ValueError(f"mask_update must be one of {MASK_UPDATES}, got {self.mask_update!r}")
+        if self.mask_update == "refresh" and self.method != "transposable":
+            raise ValueError(
+                f"mask_update='refresh' (Hu et al.'s periodic update of the stored transposable "
+                f"mask) needs method='transposable', got method={self.method!r}"
+            )
         for name in ("track_flips", "dense_products"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -48,29 +48,87 @@ def new_record(cfg, method: str, stack: tuple[int, ...], c: int, kernel=None) ->
     * ``wgrad_key`` uint32 ``(*stack, 2)`` (``cfg.wgrad="mvue"``, not ``"dense"``): the raw PRNG key
       of the layer's MVUE weight-gradient draw, zeros until
       :func:`~bimask_jax.flax.state.set_wgrad_key` writes this step's key.
+    * ``mask`` bool ``(*stack, *kshape)`` (``method="transposable"`` with
+      ``cfg.mask_update="refresh"``): the transposable mask the layer uses (forward and
+      backward-data products, masked decay), initially the mask of the initial kernel and
+      recomputed from the current kernel only by :func:`~bimask_jax.flax.state.refresh_state`
+      (Hu et al.'s periodic update).
     * ``prev_fwd`` bool ``(*stack, *kshape)`` (``cfg.track_flips``): the forward mask at the last
       :func:`~bimask_jax.flax.state.track_flips` (initially the kernel's own).
     """
     rec = {"perm": jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (*stack, c)),
            "refreshes": jnp.zeros(stack, jnp.int32)}
-    needs_kernel = method == "sste" or cfg.track_flips
+    needs_kernel = method == "sste" or cfg.track_flips or stores_mask(cfg, method)
     if needs_kernel and kernel is None:
-        raise ValueError(f"new_record: method={method!r} / track_flips={cfg.track_flips} need the "
-                         "layer's kernel for their initial state")
+        raise ValueError(f"new_record: method={method!r} / track_flips={cfg.track_flips} / "
+                         f"mask_update={cfg.mask_update!r} need the layer's kernel for their "
+                         "initial state")
     if method == "sste":
         rec["sste_scale"] = stacked_sste_scales(kernel, c, cfg.n, cfg.m, cfg.k_order, len(stack))
     if cfg.wgrad == "mvue" and method != "dense":
         rec["wgrad_key"] = jnp.zeros((*stack, 2), jnp.uint32)
+    if stores_mask(cfg, method):
+        rec["mask"] = stacked_masks(kernel, rec["perm"], cfg.n, cfg.m, method, cfg.k_order)[0]
     if cfg.track_flips:
         perm = rec["perm"]
-        rec["prev_fwd"] = stacked_masks(kernel, perm, cfg.n, cfg.m, method, cfg.k_order)[0]
+        rec["prev_fwd"] = (rec["mask"] if "mask" in rec else
+                           stacked_masks(kernel, perm, cfg.n, cfg.m, method, cfg.k_order)[0])
     return rec
+
+
+def stores_mask(cfg, method: str) -> bool:
+    """Whether a layer of effective ``method`` keeps its mask in its record (``mask``): a
+    ``"transposable"`` layer with ``cfg.mask_update="refresh"`` (an ``"srste"`` fallback does not)."""
+    return method == "transposable" and cfg.mask_update == "refresh"
+
+
+def transposable_ok(mask, c: int, n: int, m: int, k_order: str = "hwi", n_stack: int = 0):
+    """bool ``stack``: whether each stacked ``mask (*stack, *kshape)`` is a transposable N:M mask
+    of its layer matrix (:func:`layer_matrix`, ``K % m == C % m == 0``): in every ``m x m`` block,
+    every row and every column keeps exactly ``n`` entries (``m <= 4``, what the exact pattern
+    search gives) or at most ``n`` (``m > 4``, the greedy approximation of
+    :func:`bimask_jax.transposable_mask`)."""
+    w = layer_matrix(mask, c, k_order, n_stack).astype(jnp.int32)
+    stack, k = w.shape[:n_stack], w.shape[-2]
+    b = w.reshape(*stack, k // m, m, c // m, m)
+    cols, rows = jnp.sum(b, axis=-3), jnp.sum(b, axis=-1)
+    ok = (lambda x: x == n) if m <= 4 else (lambda x: x <= n)
+    return jnp.all(ok(cols), axis=(-3, -2, -1)) & jnp.all(ok(rows), axis=(-3, -2, -1))
+
+
+def safe_stored_mask(cfg, mask, kernel, c: int, fresh, n_stack: int = 0):
+    """The stored ``mask`` (bool ``(*stack, *kshape)``) where it is a transposable N:M mask
+    (:func:`transposable_ok`), else ``fresh()`` (the kernel's current mask, of the same shape):
+    the defined fallback for a stored mask that cannot be checked (traced). ``fresh`` runs only
+    when some stacked mask is invalid (``lax.cond``)."""
+    ok = transposable_ok(mask, c, cfg.n, cfg.m, cfg.k_order, n_stack)
+    bcast = ok.reshape(ok.shape + (1,) * (mask.ndim - n_stack))
+    if not isinstance(ok, jax.core.Tracer):  # concrete (eager): decide in Python
+        return mask if bool(jnp.all(ok)) else jnp.where(bcast, mask, fresh())
+    return lax.cond(jnp.all(ok), lambda: mask, lambda: jnp.where(bcast, mask, fresh()))
+
+
+def record_masks(cfg, method: str, kernel, record):
+    """``(fwd, bwd)`` bool masks of ``kernel.shape`` (``(*stack, *kshape)``) that a (possibly
+    stacked) sparse layer's products use: its stored ``mask`` twice when it keeps one
+    (:func:`stores_mask`; an invalid one replaced by the kernel's, :func:`safe_stored_mask`),
+    else :func:`stacked_masks` of the kernel with the record's ``perm``."""
+    perm = record["perm"]
+
+    def fresh():
+        return stacked_masks(kernel, perm, cfg.n, cfg.m, method, cfg.k_order)
+
+    if "mask" not in record:
+        return fresh()
+    t = safe_stored_mask(cfg, record["mask"], kernel, perm.shape[-1], lambda: fresh()[0],
+                         perm.ndim - 1)
+    return t, t
 
 
 def record_needed(cfg, method: str) -> bool:
     """Whether a layer's products read its record (else a linen apply may run without one)."""
     return (method in ("bimask", "sste") or cfg.backend != "xla" or cfg.wgrad != "dense"
-            or cfg.track_flips)
+            or cfg.track_flips or stores_mask(cfg, method))
 
 
 def check_record(path: str, record: dict, cfg, method: str, kernel_shape, stack, c: int) -> None:
@@ -100,6 +158,19 @@ def check_record(path: str, record: dict, cfg, method: str, kernel_shape, stack,
             raise ValueError(
                 f"layer {path!r}: Bi-Mask state 'perm' must hold a permutation of 0..{c - 1} "
                 f"(each column index once), got {p[bad[0]].tolist()}"
+            )
+    mask = record.get("mask")
+    if stores_mask(cfg, method) and not isinstance(mask, jax.core.Tracer):
+        with jax.ensure_compile_time_eval():  # concrete, also inside a trace (a closed-over state)
+            ok = np.asarray(transposable_ok(jnp.asarray(mask), c, cfg.n, cfg.m, cfg.k_order,
+                                            len(stack))).reshape(-1)
+        if not ok.all():
+            rule = "exactly" if cfg.m <= 4 else "at most"
+            raise ValueError(
+                f"layer {path!r}: Bi-Mask state 'mask' must be a transposable {cfg.n}:{cfg.m} "
+                f"mask ({rule} {cfg.n} kept entries in every row and every column of every "
+                f"{cfg.m}x{cfg.m} block of the ({k}, {c}) layer matrix); stacked layer "
+                f"{int(np.flatnonzero(~ok)[0])} is not"
             )
 
 
@@ -179,11 +250,17 @@ def sparse_conv_general(cfg, resolve, lhs, rhs, window_strides, padding, lhs_dil
 
 def _operands(cfg, method: str, kernel, c: int, record, masks=None):
     """``(kernel, fwd, bwd, decay, perm, extra)`` of a sparse product: the kernel it multiplies
-    (``"sste"``: ``sste_scale * S(kernel)``, straight-through), its masks (``masks`` hook, default
-    :func:`default_masks`), SR-STE decay (0 for ``"sste"``), permutation, and ``extra`` keyword
+    (``"sste"``: ``sste_scale * S(kernel)``, straight-through), its masks (the record's stored
+    ``mask`` twice when :func:`stores_mask`, :func:`safe_stored_mask`; else the ``masks`` hook,
+    default :func:`default_masks`), SR-STE decay (0 for ``"sste"``), permutation, and ``extra`` keyword
     arguments of the op (the MVUE ``wgrad``)."""
     perm = None if record is None else record["perm"]
-    fwd, bwd = (masks or functools.partial(default_masks, cfg))(kernel, c, method, perm)
+    masks = masks or functools.partial(default_masks, cfg)
+    if record is not None and stores_mask(cfg, method):
+        fwd = bwd = safe_stored_mask(cfg, record["mask"], kernel, c,
+                                     lambda: masks(kernel, c, method, perm)[0])
+    else:
+        fwd, bwd = masks(kernel, c, method, perm)
     decay = cfg.decay
     if method == "sste":
         kernel = sste_kernel(kernel, record["sste_scale"], c, cfg.n, cfg.m, cfg.k_order)

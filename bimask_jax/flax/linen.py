@@ -34,7 +34,8 @@ class Sparse(nn.Module):
     Built by :func:`bimask_jax.sparse`; call it exactly like the wrapped model (``__call__`` is
     forwarded with all arguments). ``init`` adds the ``"bimask"`` collection (and raises a
     ValueError listing every layer's reason when no layer can be sparse); ``apply`` needs it (it
-    need not be mutable: masks are recomputed from the kernels at every call).
+    need not be mutable: masks are recomputed from the kernels at every call, or read from it
+    under ``mask_update="refresh"``, and only the refresh changes it).
     """
 
     module: nn.Module
@@ -132,7 +133,9 @@ def _record(cfg: SparseConfig, mod, layer: Layer, c: int, kernel):
     init = functools.cache(lambda: _layer.new_record(cfg, layer.method, (), c, kernel=kernel))
     names = jax.eval_shape(lambda w: _layer.new_record(cfg, layer.method, (), c, kernel=w),
                            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
-    record = {k: mod.variable(COLLECTION, k, lambda k=k: init()[k]).value for k in names}
+    # A field absent from a given (immutable) state is left out, for check_record to name it.
+    record = {k: mod.variable(COLLECTION, k, lambda k=k: init()[k]).value for k in names
+              if mod.is_mutable_collection(COLLECTION) or mod.has_variable(COLLECTION, k)}
     check_record(path, record, cfg, layer.method, layer.kernel_shape, (), c)
     return record
 

@@ -62,7 +62,10 @@ class SparseOp(nnx.Module):
         """``(fwd, bwd)`` bool masks of ``kernel.shape`` for the product: ``kernel`` the layer's
         kernel (no stack axes) read as a ``(K, c)`` matrix, ``method``/``perm`` (int ``(c,)``) as
         resolved from the record. Default :func:`~bimask_jax.flax.layer.default_masks`; override
-        to compute the same masks elsewhere (e.g. per device under ``jax.shard_map``)."""
+        to compute the same masks elsewhere (e.g. per device under ``jax.shard_map``). A layer
+        that stores its mask (``mask_update="refresh"``) uses the stored one and calls this only
+        for its fallback (a stored mask that is not transposable N:M,
+        :func:`~bimask_jax.flax.layer.safe_stored_mask`)."""
         return _layer.default_masks(self.config, kernel, c, method, perm)
 
     def __call__(self, *args, **kwargs):

@@ -21,6 +21,7 @@ from bimask_jax.flax import nnx as _nnx
 from bimask_jax.flax.config import SparseConfig
 from bimask_jax.flax.layer import (
     check_record,
+    record_masks,
     refresh_layers,
     safe_perm,
     stacked_masks,
@@ -102,7 +103,9 @@ def _method(cfg: SparseConfig, record: dict, kernel) -> str:
 def refresh_state(key, cfg: SparseConfig, records: dict, kernels: dict) -> dict:
     """One refresh, pure in its arrays: ``search_permutation`` on every ``"bimask"`` layer with its
     current permutation as the incumbent (an incumbent that is not a permutation, possible only
-    under ``jit`` where it cannot be checked, is replaced by the identity); every layer's
+    under ``jit`` where it cannot be checked, is replaced by the identity); every layer that
+    stores its transposable mask (``mask_update="refresh"``) gets it recomputed from its current
+    kernel (``optimal_transposable_mask``; Hu et al.'s periodic update); every layer's
     ``refreshes`` is incremented and its other fields kept. Layer ``i`` of the searched ones, in
     sorted path order, uses ``fold_in(key, i)`` (stacked layers a split of it).
 
@@ -120,6 +123,10 @@ def refresh_state(key, cfg: SparseConfig, records: dict, kernels: dict) -> dict:
     out = {p: {**records[p], "refreshes": records[p]["refreshes"] + 1} for p in paths}
     for p, perm in zip(searched, new, strict=True):
         out[p]["perm"] = perm
+    for p in paths:
+        if "mask" in records[p]:  # a "transposable" layer with mask_update="refresh"
+            out[p]["mask"] = stacked_masks(kernels[p], records[p]["perm"], cfg.n, cfg.m,
+                                           "transposable", cfg.k_order)[0]
     return out
 
 
@@ -139,7 +146,8 @@ def refresh(key, model, variables=None):
       linen: the new ``"bimask"`` collection (use ``{**variables, "bimask": new}``). nnx: an
       ``nnx.State`` of :class:`BimaskState` (use ``nnx.update(model, new)``). Per layer ``perm`` is
       the best permutation found and ``refreshes`` is incremented (also for layers without a
-      permutation search: ``srste``/``transposable``/``dense``/fallbacks keep their ``perm``).
+      permutation search: ``srste``/``transposable``/``dense``/fallbacks keep their ``perm``); a
+      transposable layer's stored ``mask`` (``mask_update="refresh"``) is recomputed.
       Pure: the same inputs give the same output, on every device.
 
     Raises:
@@ -254,7 +262,9 @@ def set_wgrad_key(key, model, variables=None):
 
 def flip_state(cfg: SparseConfig, records: dict, kernels: dict):
     """The flip rates (Hu et al., ICML 2024; :func:`bimask_jax.stability.flip_rate`) of every
-    layer's forward mask between its record's ``prev_fwd`` and its current kernel. Pure.
+    layer's forward mask between its record's ``prev_fwd`` and the mask it uses now (of its
+    current kernel; the stored one under ``mask_update="refresh"``, which changes only at a
+    refresh). Pure.
 
     Returns:
       ``(rates, aggregate, new_records)``: ``{path: float32 scalar}`` (the fraction of the layer's
@@ -269,7 +279,7 @@ def flip_state(cfg: SparseConfig, records: dict, kernels: dict):
     for p in sorted(records, key=_key):
         rec, kernel = records[p], kernels[p]
         method = geometry(cfg, p, rec, kernel)[0]
-        fwd = stacked_masks(kernel, rec["perm"], cfg.n, cfg.m, method, cfg.k_order)[0]
+        fwd = record_masks(cfg, method, kernel, rec)[0]
         diff = jnp.sum(fwd != rec["prev_fwd"], dtype=jnp.float32)
         rates[p] = diff / fwd.size
         flipped, total = flipped + diff, total + fwd.size

@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bimask_jax.flax.layer import layer_matrix, sste_kernel, stacked_masks
+from bimask_jax.flax.layer import layer_matrix, record_masks, sste_kernel
 from bimask_jax.flax.selection import effective_method, search_method
 from bimask_jax.flax.state import flip_state, frontend, geometry, read
 from bimask_jax.permutation import permutation_score, retained_upper_bound, search_efficacy
@@ -35,9 +35,8 @@ def layers(model, variables=None, *, sample_args=None, sample_kwargs=None):
     return fe.layers(model, variables, sample_args, sample_kwargs)
 
 
-def _stats(kernel, perm, method: str, n: int, m: int, k_order: str) -> dict:
-    """Mask statistics of one (possibly stacked) sparse layer."""
-    fwd, bwd = stacked_masks(kernel, perm, n, m, method, k_order)
+def _stats(fwd, bwd, perm, method: str, n: int, m: int, k_order: str) -> dict:
+    """Mask statistics of one (possibly stacked) sparse layer with masks ``fwd``, ``bwd``."""
     f, b = int(jnp.sum(fwd)), int(jnp.sum(bwd))
     out = dict(fwd_density=f / fwd.size, bwd_density=b / bwd.size,
                bwd_retained=(b / f) if f else 0.0, efficacy=None)
@@ -130,10 +129,13 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
             k = kernels[p][(0,) * len(stack)].size // c
             note = x.note if x else (effective_method(cfg, c, k)[1]
                                      or (search_method(cfg, c)[1] if method == "bimask" else ""))
+            if "mask" in records[p]:
+                note = "stored mask, recomputed at refresh" + (f"; {note}" if note else "")
             if cfg.dense_products:
                 note = "dense products (dense finish)" + (f"; {note}" if note else "")
+            fwd, bwd = record_masks(cfg, method, kernels[p], records[p])
             row.update(kernel_shape=tuple(kernels[p].shape), status="sparse", method=method,
-                       note=note, **_stats(kernels[p], records[p]["perm"], method, cfg.n, cfg.m,
+                       note=note, **_stats(fwd, bwd, records[p]["perm"], method, cfg.n, cfg.m,
                                            cfg.k_order))
             if "sste_scale" in records[p]:
                 sc = jax.device_get(records[p]["sste_scale"])
@@ -150,8 +152,9 @@ def summary(model, variables=None, *, sample_args=None, sample_kwargs=None, prin
 
 
 def export(model, variables=None):
-    """Inference weights: every sparse kernel multiplied by its forward mask (``"sste"``: replaced
-    by the weight the layer multiplies, ``sste_scale * S(kernel)``); a model under the dense
+    """Inference weights: every sparse kernel multiplied by its forward mask (the stored one of a
+    ``mask_update="refresh"`` layer, as it computes with it; ``"sste"``: replaced by the weight
+    the layer multiplies, ``sste_scale * S(kernel)``); a model under the dense
     finish (``dense_products``) exports its kernels unchanged, as it computes with them.
 
     Returns:
@@ -171,6 +174,6 @@ def export(model, variables=None):
                 fn = jax.vmap(fn)
             masked[p] = fn(kernels[p], rec["sste_scale"])
         elif method != "dense":
-            fwd, _ = stacked_masks(kernels[p], rec["perm"], cfg.n, cfg.m, method, cfg.k_order)
+            fwd, _ = record_masks(cfg, method, kernels[p], rec)
             masked[p] = jnp.where(fwd, kernels[p], jnp.zeros((), kernels[p].dtype))
     return frontend(model).write_kernels(model, variables, masked)
