@@ -389,3 +389,16 @@ def test_sste_and_bimask_mvue_on_the_222_mesh_equal_single_device():
 
     out = _run(_MESH)
     assert len(out["sste"]["losses"]) == 4 and len(out["bimask-mvue"]["losses"]) == 4
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_mvue_draw_selects_the_top_k_set(n):
+    """The MVUE draw's top-n (successive argmax, partitioned locally under a batch-sharded mesh)
+    keeps the set lax.top_k keeps."""
+    from bimask_jax.mvue import _top_n
+
+    s = jax.random.normal(jax.random.key(1), (64, 8, 4))
+    idx = jax.lax.top_k(s, n)[1]
+    want = jnp.any(idx[..., :, None] == jnp.arange(4), axis=-2)
+    np.testing.assert_array_equal(_top_n(s, n), want)
+    assert int(_top_n(s, n).sum()) == 64 * 8 * n
