@@ -1,5 +1,5 @@
-"""Train a GPT-2-style language model with N:M sparsity (Bi-Mask, SR-STE, transposable) or dense,
-on one device or a ``(data, fsdp, model)`` device mesh.
+"""Train a GPT-2-style language model with N:M sparsity (Bi-Mask, SR-STE, transposable, S-STE) or
+dense, on one device or a ``(data, fsdp, model)`` device mesh.
 
     python train/lm.py --data tinyshakespeare.txt --preset gpt2-tiny --method bimask --run-dir runs/lm
     python train/lm.py --data owt/train.bin --preset gpt2-small --mesh 1,4,2 --dtype bfloat16 ...
@@ -31,6 +31,13 @@ keeps its record (``perm``, ``refreshes``) and overrides ``masks``. The wrapper'
 whole permutations on whole kernels, so this script refreshes the permutations itself
 (:func:`refresh_permutations`), and with ``--mask-update refresh`` (transposable: Hu et al.'s
 periodic update) also the stored masks, sharded as the kernels are used, through ``masks``.
+
+The methods after Bi-Mask (issue 17; flags and validation as in ``train/config.py``):
+``--method sste``; ``--wgrad mvue`` (this step's MVUE keys written into the state before the
+forward pass, ``train.loop.wgrad_step_key``); ``--dense-finish F`` (a second compiled step and
+eval step with dense products, :func:`bimask_jax.with_dense_products`, from
+:func:`dense_finish_start` on); ``--track-flips`` (:func:`track_flips`, the flip rates of the
+masks of the ``masks`` hook, in the train records and a ``flips`` record per evaluation).
 """
 
 from __future__ import annotations
