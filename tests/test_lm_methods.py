@@ -402,3 +402,24 @@ def test_mvue_draw_selects_the_top_k_set(n):
     want = jnp.any(idx[..., :, None] == jnp.arange(4), axis=-2)
     np.testing.assert_array_equal(_top_n(s, n), want)
     assert int(_top_n(s, n).sum()) == 64 * 8 * n
+
+
+@pytest.mark.slow
+def test_track_flips_with_the_stored_transposable_mask():
+    """--mask-update refresh --track-flips: the new record's prev_fwd is its stored mask (one
+    array); the donating step must get two buffers. The flip rates are those of the stored masks:
+    0 between refreshes."""
+    tr = _trainer("--method", "transposable", "--mask-update", "refresh", "--track-flips")
+    st = tr.init_state
+    rates = []
+    for s in range(4):  # refreshes at steps 0 and 2 (the mask of the kernel before the step)
+        masks = _fields(st, "mask")
+        st, met = tr.train_step(st, _batch(tr, s))
+        assert np.isfinite(float(met["loss"]))
+        rates.append(float(met["flip_rate"]))
+        new = _fields(st, "mask")
+        flipped = sum(int(np.sum(new[k] != masks[k])) for k in new)
+        assert rates[-1] == pytest.approx(flipped / sum(v.size for v in new.values()), abs=1e-7)
+        for k in new:
+            np.testing.assert_array_equal(_fields(st, "prev_fwd")[k], new[k])
+    assert rates[1] == 0.0 and rates[3] == 0.0

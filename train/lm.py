@@ -488,7 +488,9 @@ class Trainer:
                                                                    roles[tuple(path[:-2])]))))
             for path, var in nnx.to_flat_state(bimask)])
         params = jax.device_put(params, param_sh)
-        bimask = jax.device_put(bimask, bimask_sh)
+        # one buffer per field: a new record may share an array between fields (prev_fwd is the
+        # stored mask of --mask-update refresh), which the donating step would donate twice
+        bimask = jax.device_put(jax.tree.map(jnp.copy, bimask), bimask_sh)
         opt_sh = optimizer_shardings(self.tx, params, param_sh, self.repl)
         opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
         self.shardings = {"step": self.repl, "params": param_sh, "bimask": bimask_sh,
