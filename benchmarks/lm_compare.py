@@ -1,11 +1,16 @@
 """Method comparison of ``train/lm.py`` on one text file: dense, srste, transposable, bimask (the
-paper's random search) and bimask with the stripe search, at N:M, for several seeds. Each run is a
-``train/lm.py`` subprocess (its own ``metrics.jsonl``); the driver then writes ``results.json``, a
-Markdown table (final validation loss, paired gap to dense of the same seed, median tokens/s) and a
-plot of the validation curves.
+paper's random search) and bimask with the stripe search, and the methods after Bi-Mask (issue 17:
+S-STE, MVUE weight gradients, Hu et al.'s periodically updated transposable mask, a dense finish),
+at N:M, for several seeds. Each run is a ``train/lm.py`` subprocess (its own ``metrics.jsonl``);
+the driver then writes ``results.json``, a Markdown table (final validation loss, paired gap to
+dense of the same seed, median tokens/s, retained fraction, mean flip rate) and a plot of the
+validation curves.
 
     python benchmarks/lm_compare.py --data tinyshakespeare.txt --out runs/lm_compare \
         --preset gpt2-tiny --steps 400 --batch-size 16 --seeds 0 1
+
+``--track-flips`` passes ``--track-flips`` to every sparse run (the flip rates do not change the
+training). Which configurations make all three GEMMs of a layer N:M: :data:`ALL_THREE_NM`.
 
 Extra flags after ``--`` go to every ``train/lm.py`` run.
 """
@@ -26,7 +31,18 @@ METHODS = {  # name -> train/lm.py flags
     "transposable": ["--method", "transposable"],
     "bimask": ["--method", "bimask", "--search", "random"],
     "bimask-stripe": ["--method", "bimask", "--search", "stripe"],
+    "sste": ["--method", "sste"],
+    "srste-mvue": ["--method", "srste", "--wgrad", "mvue"],
+    "bimask-mvue": ["--method", "bimask", "--search", "random", "--wgrad", "mvue"],
+    "transposable-mvue": ["--method", "transposable", "--wgrad", "mvue"],
+    "transposable-hu": ["--method", "transposable", "--mask-update", "refresh",
+                        "--refresh-every", "40"],
+    "bimask-densefinish": ["--method", "bimask", "--search", "random", "--dense-finish", "0.2"],
 }
+# Forward (x W), backward-data (g W^T) and weight-gradient (x^T g) products all N:M: the
+# backward-data mask is N:M along C (bimask: after its permutation; transposable: both axes) and
+# the weight gradient uses the N:M MVUE estimate of g along the tokens.
+ALL_THREE_NM = ("bimask-mvue", "transposable-mvue")
 
 
 def read_jsonl(path):
@@ -44,7 +60,8 @@ def run_one(args, name, seed, extra):
            str(args.batch_size), "--seed", str(seed), "--n", str(args.n), "--m", str(args.m),
            "--eval-every", str(args.eval_every), "--log-every", str(args.log_every),
            "--refresh-every", str(args.refresh_every), "--run-dir", run_dir, "--no-progress",
-           *METHODS[name], *extra]
+           *METHODS[name], *(["--track-flips"] if args.track_flips and name != "dense" else []),
+           *extra]
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         cmd.append("--resume")
     print(" ".join(cmd), flush=True)
@@ -59,9 +76,13 @@ def summarize(args, runs):
         evals = [(r["step"], r["val_loss"]) for r in recs if r["type"] == "eval"]
         tps = [r["tokens_per_s"] for r in recs if r["type"] == "train" and r.get("tokens_per_s")]
         ret = [r["retained"] for r in recs if r["type"] == "sparsity" and r.get("retained")]
+        flips = [(r["flip_rate"], r["flip_steps"]) for r in recs
+                 if r["type"] == "flips" and r.get("flip_steps")]
+        nflip = sum(s for _, s in flips)
         rows.append({"method": name, "seed": seed, "curve": evals, "final_val_loss": evals[-1][1],
                      "tokens_per_s": statistics.median(tps) if tps else None,
-                     "retained": ret[-1] if ret else None})
+                     "retained": ret[-1] if ret else None,
+                     "flip_rate": sum(r * s for r, s in flips) / nflip if nflip else None})
     dense = {r["seed"]: r["final_val_loss"] for r in rows if r["method"] == "dense"}
     for r in rows:
         r["gap_to_dense"] = (r["final_val_loss"] - dense[r["seed"]]) if r["seed"] in dense else None
@@ -69,8 +90,9 @@ def summarize(args, runs):
 
 
 def table(rows, seeds):
-    lines = ["| method | final val loss (per seed) | mean | paired gap to dense | median tokens/s | "
-             "retained (bwd/fwd) |", "|---|---|---|---|---|---|"]
+    lines = ["| method | final val loss (per seed) | mean | paired gap to dense (per seed) | "
+             "median tokens/s | retained (bwd/fwd) | mean flip rate | all 3 GEMMs N:M |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in METHODS:
         rs = sorted((r for r in rows if r["method"] == name), key=lambda r: r["seed"])
         if not rs:
@@ -78,12 +100,16 @@ def table(rows, seeds):
         losses = " / ".join(f"{r['final_val_loss']:.4f}" for r in rs)
         mean = statistics.mean(r["final_val_loss"] for r in rs)
         gaps = [r["gap_to_dense"] for r in rs if r["gap_to_dense"] is not None]
-        gap = f"{statistics.mean(gaps):+.4f}" if gaps and name != "dense" else "-"
+        gap = (f"{statistics.mean(gaps):+.4f} ({', '.join(f'{g:+.4f}' for g in gaps)})"
+               if gaps and name != "dense" else "-")
         tps = statistics.median(r["tokens_per_s"] for r in rs if r["tokens_per_s"])
         ret = [r["retained"] for r in rs if r["retained"]]
-        lines.append(f"| {name} | {losses} | {mean:.4f} | {gap} | {tps:,.0f} | "
-                     f"{statistics.mean(ret):.3f} |" if ret else
-                     f"| {name} | {losses} | {mean:.4f} | {gap} | {tps:,.0f} | - |")
+        ret = f"{statistics.mean(ret):.3f}" if ret else "-"
+        flips = [r["flip_rate"] for r in rs if r.get("flip_rate") is not None]
+        flip = f"{statistics.mean(flips):.4f}" if flips else "-"
+        nm = "yes" if name in ALL_THREE_NM else "no"
+        lines.append(f"| {name} | {losses} | {mean:.4f} | {gap} | {tps:,.0f} | {ret} | {flip} | "
+                     f"{nm} |")
     return "\n".join(lines)
 
 
@@ -94,8 +120,9 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, (ax, gx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = dict(zip(METHODS, ("black", "tab:blue", "tab:green", "tab:red", "tab:purple"),
-                      strict=True))
+    palette = ("black", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange",
+               "tab:cyan", "tab:brown", "tab:olive", "tab:pink", "tab:gray", "gold")
+    colors = dict(zip(METHODS, palette[:len(METHODS)], strict=True))
     dense = {r["seed"]: dict(r["curve"]) for r in rows if r["method"] == "dense"}
     for r in sorted(rows, key=lambda r: (r["method"], r["seed"])):
         steps, losses = zip(*r["curve"], strict=True)
@@ -135,6 +162,8 @@ def main(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--track-flips", action="store_true",
+                   help="pass --track-flips to the sparse runs (table: mean flip rate)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     runs = {}

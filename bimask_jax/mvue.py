@@ -74,6 +74,19 @@ def inclusion_probabilities(a, n: int):
     return t + a * (jnp.sum(k_j, axis=-1, keepdims=True) - k_j)
 
 
+def _top_n(scores, n: int):
+    """bool mask of the ``n`` largest ``scores`` along the last axis (the first index among
+    equal ones), by ``n`` successive ``argmax``: the same set as ``lax.top_k``, but a reduction
+    that the SPMD partitioner keeps local when the other axes are sharded (``top_k`` gathers them:
+    under a batch-sharded mesh that was an all-gather of the whole output gradient)."""
+    cols = jnp.arange(scores.shape[-1])
+    keep = jnp.zeros(scores.shape, bool)
+    for _ in range(n):
+        i = jnp.argmax(jnp.where(keep, -jnp.inf, scores), axis=-1)
+        keep = keep | (i[..., None] == cols)
+    return keep
+
+
 def mvue_sparsify(g, key, n: int = 2, m: int = 4, axis: int = 0):
     """A random N:M array ``g_hat`` with ``E[g_hat] = g`` (module docstring).
 
@@ -97,8 +110,7 @@ def mvue_sparsify(g, key, n: int = 2, m: int = 4, axis: int = 0):
     a = jnp.abs(gg) + EPS
     p = inclusion_probabilities(a, n)
     gumbel = jax.random.gumbel(key, a.shape, jnp.float32)
-    _, idx = jax.lax.top_k(jnp.log(a) + gumbel, n)  # n distinct draws per group
-    keep = jnp.any(idx[..., :, None] == jnp.arange(m), axis=-2)
+    keep = _top_n(jnp.log(a) + gumbel, n)  # n distinct draws per group
     out = jnp.where(keep, gg / p, 0.0)
     out = out.reshape(moved_shape)
     return jnp.moveaxis(out, -1, axis).astype(g.dtype)

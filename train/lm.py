@@ -1,5 +1,5 @@
-"""Train a GPT-2-style language model with N:M sparsity (Bi-Mask, SR-STE, transposable) or dense,
-on one device or a ``(data, fsdp, model)`` device mesh.
+"""Train a GPT-2-style language model with N:M sparsity (Bi-Mask, SR-STE, transposable, S-STE) or
+dense, on one device or a ``(data, fsdp, model)`` device mesh.
 
     python train/lm.py --data tinyshakespeare.txt --preset gpt2-tiny --method bimask --run-dir runs/lm
     python train/lm.py --data owt/train.bin --preset gpt2-small --mesh 1,4,2 --dtype bfloat16 ...
@@ -31,12 +31,20 @@ keeps its record (``perm``, ``refreshes``) and overrides ``masks``. The wrapper'
 whole permutations on whole kernels, so this script refreshes the permutations itself
 (:func:`refresh_permutations`), and with ``--mask-update refresh`` (transposable: Hu et al.'s
 periodic update) also the stored masks, sharded as the kernels are used, through ``masks``.
+
+The methods after Bi-Mask (issue 17; flags and validation as in ``train/config.py``):
+``--method sste``; ``--wgrad mvue`` (this step's MVUE keys written into the state before the
+forward pass, ``train.loop.wgrad_step_key``); ``--dense-finish F`` (a second compiled step and
+eval step with dense products, :func:`bimask_jax.with_dense_products`, from
+:func:`dense_finish_start` on); ``--track-flips`` (:func:`track_flips`, the flip rates of the
+masks of the ``masks`` hook, in the train records and a ``flips`` record per evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -61,10 +69,12 @@ from bimask_jax.masks import layer_masks  # noqa: E402
 from bimask_jax.permutation import search_permutation  # noqa: E402
 from train import text_data  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
-from train.loop import _compile  # noqa: E402
+from train.config import RULES, WGRADS  # noqa: E402
+from train.loop import _compile, wgrad_step_key  # noqa: E402
 from train.models import gpt  # noqa: E402
 
 MESH_AXES = ("data", "fsdp", "model")
+DENSE_FINISH = RULES["dense_finish"]  # a float in [0, 1) (train/config.py's rule)
 
 # --------------------------------------------------------------------------------------------
 # Flags
@@ -95,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="global-norm clip (0: off)")
     g = p.add_argument_group("N:M sparsity")
     g.add_argument("--method", default="bimask",
-                   choices=["dense", "srste", "transposable", "bimask"])
+                   choices=["dense", "srste", "transposable", "bimask", "sste"],
+                   help="sste: S-STE (Hu et al., NeurIPS 2024), a continuous soft-threshold "
+                        "pruning function with a per-layer scale fixed when the model is built, "
+                        "straight-through gradients, no SR-STE decay")
     g.add_argument("--n", type=int, default=2)
     g.add_argument("--m", type=int, default=4)
     g.add_argument("--refresh-every", type=int, default=100, help="Bi-Mask: steps between searches")
@@ -112,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "refresh, Hu et al.'s (ICML 2024) periodic update: the mask is kept in the "
                         "state and recomputed at steps s %% --refresh-every == 0 only (theirs: "
                         "--refresh-every 40)")
+    g.add_argument("--wgrad", default="dense", choices=list(WGRADS),
+                   help="weight-gradient product of the sparse layers: dense, or mvue (the output "
+                        "gradient replaced by an unbiased N:M estimate along the token axis, "
+                        "Chmiel et al., ICLR 2023; a fresh key every step; needs n <= 2). With "
+                        "bimask or transposable, all three products of a layer are N:M")
+    g.add_argument("--dense-finish", type=DENSE_FINISH, default=0.0, metavar="FRACTION",
+                   help="train the last FRACTION of the steps dense (Hu et al., ICML 2024): from "
+                        "step steps - round(FRACTION x steps) on, the sparse layers run dense "
+                        "products of their raw kernels (no masks, decay, refreshes or MVUE); "
+                        "evaluation after the switch is dense too. 0: off")
+    g.add_argument("--track-flips", action="store_true",
+                   help="log the forward-mask flip rate (fraction of mask entries that changed "
+                        "in a step; Hu et al., ICML 2024): the aggregate in the train records, "
+                        "per layer in a 'flips' record at every evaluation")
     g = p.add_argument_group("parallelism")
     g.add_argument("--mesh", default=None,
                    help="D,F,M sizes of the (data, fsdp, model) axes (default: all devices on data)")
@@ -152,6 +179,43 @@ def parse_mesh(text, n_devices: int) -> tuple[int, int, int]:
         raise ValueError(f"--mesh {text} has {math.prod(shape)} devices, but {n_devices} are "
                          "available")
     return shape
+
+
+def check_flags(args) -> None:
+    """Clear errors (ValueError naming the flag) for flag combinations the methods do not have,
+    as ``train/config.py`` rejects them for the CNN scripts."""
+    for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "refresh_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.n <= args.m:
+        raise ValueError(f"--n/--m: N:M needs 0 < n <= m, got n={args.n}, m={args.m}")
+    if args.mask_update == "refresh" and args.method != "transposable":
+        raise ValueError(f"--mask-update refresh (Hu et al.'s periodic update of the stored "
+                         f"transposable mask) needs --method transposable, got --method "
+                         f"{args.method}")
+    if args.method == "dense":
+        for name, off in (("wgrad", "dense"), ("dense_finish", 0.0), ("track_flips", False)):
+            if getattr(args, name) != off:
+                raise ValueError(f"--{name.replace('_', '-')} is an option of the sparse methods, "
+                                 f"got --method dense")
+    if args.wgrad == "mvue" and args.n > 2:
+        raise ValueError(f"--wgrad mvue keeps 1 or 2 of every m output-gradient entries: it needs "
+                         f"--n <= 2, got --n {args.n}")
+    try:  # the parser's rule, also for a Namespace built in code
+        DENSE_FINISH(args.dense_finish)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--dense-finish: {e}") from None
+
+
+def dense_finish_start(args) -> int | None:
+    """The first dense training step (0-based) of ``--dense-finish`` over ``--steps``
+    (:func:`bimask_jax.dense_finish_start`), or None when it is off (0, ``--method dense``, or a
+    fraction that rounds to no step). Step ``i`` is dense when ``i >= start``; the state after
+    ``s`` steps is evaluated dense when ``s > start``."""
+    if not args.dense_finish or args.method == "dense":
+        return None
+    start = bimask_jax.dense_finish_start(args.steps, float(args.dense_finish))
+    return start if start < args.steps else None
 
 
 def make_mesh(shape, devices=None):
@@ -211,11 +275,12 @@ def perm_sharding(role: str):
 
 def bimask_sharding(field: str, role: str):
     """The partition spec of a sparse layer's record field: its permutation by
-    :func:`perm_sharding`, a stored kernel-shaped mask (``--mask-update refresh``) as the kernel
-    is used (``gpt.COMPUTE``), the rest replicated."""
+    :func:`perm_sharding`, a stored kernel-shaped mask (``mask``: ``--mask-update refresh``;
+    ``prev_fwd``: ``--track-flips``) as the kernel is used (``gpt.COMPUTE``), the rest
+    (``refreshes``, S-STE's ``sste_scale``, the MVUE ``wgrad_key``) replicated."""
     if field == "perm":
         return perm_sharding(role)
-    return gpt.COMPUTE[role] if field == "mask" else P()
+    return gpt.COMPUTE[role] if field in ("mask", "prev_fwd") else P()
 
 
 def build_model(args, gcfg: gpt.GPTConfig, mesh):
@@ -229,7 +294,9 @@ def build_model(args, gcfg: gpt.GPTConfig, mesh):
                       num_candidates=args.num_candidates, refresh_every=args.refresh_every,
                       decay=args.decay, exclude=gpt.DENSE_LAYERS, search=args.search,
                       search_iterations=args.search_iterations,
-                      mask_update=getattr(args, "mask_update", "step"))
+                      mask_update=getattr(args, "mask_update", "step"),
+                      wgrad=getattr(args, "wgrad", "dense"),
+                      track_flips=bool(getattr(args, "track_flips", False)))
     for _, layer, op in bflax.sparse_ops(model):
         layer.dot_general = nnx.data(ShardedSparseOp(op, layer.role, mesh, layer.kernel[...]))
     return model
@@ -322,6 +389,31 @@ def refresh_permutations(model, key, due, args, perm_blocks: int, mesh) -> None:
             layers[i][2].mask[...] = mask
 
 
+def track_flips(model) -> tuple[dict, jax.Array]:
+    """``--track-flips``: the forward-mask flip rate (Hu et al., ICML 2024;
+    :func:`bimask_jax.track_flips`) of every sparse layer of ``model`` between its record's
+    ``prev_fwd`` and the mask of its current kernel, computed where the kernel is used (the op's
+    :meth:`ShardedSparseOp.masks`, or the stored mask under ``--mask-update refresh``); then
+    ``prev_fwd`` is set to that mask (in place). Equals :func:`bimask_jax.track_flips` (tests).
+
+    Returns ``({layer path "a/b/c": float32 rate}, float32 aggregate)`` (aggregate: flipped entries
+    over all entries of the sparse layers). The masks need no communication; the flipped counts
+    are summed across devices (scalars), and the updated kernels are gathered over ``fsdp`` into
+    their compute layout as the next forward pass does."""
+    rates, flipped, total = {}, jnp.float32(0.0), 0
+    for path, layer, op in sparse_layers(model):
+        kernel = jax.lax.stop_gradient(layer.kernel[...])
+        if "mask" in op.fields:  # --mask-update refresh: the stored transposable mask
+            fwd = op.mask[...]
+        else:
+            fwd = op.masks(kernel, kernel.shape[-1], op.layer.method, op.perm[...])[0]
+        diff = jnp.sum(fwd != op.prev_fwd[...], dtype=jnp.float32)
+        rates["/".join(map(str, path))] = diff / fwd.size
+        flipped, total = flipped + diff, total + fwd.size
+        op.prev_fwd[...] = fwd
+    return rates, flipped / max(total, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # State, steps
 # --------------------------------------------------------------------------------------------
@@ -366,15 +458,26 @@ def optimizer_shardings(tx, params, param_sh, replicated):
 class Trainer:
     """Everything of one run that does not change between steps: model graph, optimizer, mesh,
     shardings and the jitted steps. ``state`` is a plain dict pytree ``{"step", "params",
-    "bimask", "opt", "rng"}`` (``params``/``bimask``: ``nnx.State``)."""
+    "bimask", "opt", "rng"}`` (``params``/``bimask``: ``nnx.State``).
+
+    ``--dense-finish``: ``dense_start`` is the first dense step (None: off); ``dense_graphdef``
+    the same model with dense products (:func:`bimask_jax.with_dense_products`; same state), run
+    by a second compiled step (:meth:`step_fn`) and eval step from the switch on."""
 
     def __init__(self, args, gcfg: gpt.GPTConfig, mesh):
         self.args, self.gcfg, self.mesh = args, gcfg, mesh
+        check_flags(args)
         mesh_shape = tuple(mesh.shape[a] for a in MESH_AXES)
         self.perm_blocks = args.perm_blocks or mesh_shape[2]
         check_layout(args, gcfg, mesh_shape, self.perm_blocks)
+        self.dense_start = dense_finish_start(args)
         model = build_model(args, gcfg, mesh)
         self.graphdef, params, bimask = nnx.split(model, nnx.Param, bimask_jax.BimaskState)
+        self.dense_graphdef = None
+        if self.dense_start is not None:
+            bimask_jax.with_dense_products(model, True)
+            self.dense_graphdef = nnx.split(model, nnx.Param, bimask_jax.BimaskState)[0]
+            bimask_jax.with_dense_products(model, False)
         self.tx, self.schedule = make_optimizer(args)
         self.repl = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P(gpt.BATCH_AXES, None))
@@ -385,7 +488,9 @@ class Trainer:
                                                                    roles[tuple(path[:-2])]))))
             for path, var in nnx.to_flat_state(bimask)])
         params = jax.device_put(params, param_sh)
-        bimask = jax.device_put(bimask, bimask_sh)
+        # one buffer per field: a new record may share an array between fields (prev_fwd is the
+        # stored mask of --mask-update refresh), which the donating step would donate twice
+        bimask = jax.device_put(jax.tree.map(jnp.copy, bimask), bimask_sh)
         opt_sh = optimizer_shardings(self.tx, params, param_sh, self.repl)
         opt = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
         self.shardings = {"step": self.repl, "params": param_sh, "bimask": bimask_sh,
@@ -401,10 +506,34 @@ class Trainer:
         self.eval_step = _compile(jax.jit(
             self._eval_loss, in_shardings=(self.shardings, self.batch_sharding),
             out_shardings=self.repl), fast=fast)
+        if self.dense_start is not None:  # compiled at their first call (after the switch)
+            self.dense_train_step = _compile(jax.jit(
+                functools.partial(self._train_step, dense=True),
+                in_shardings=(self.shardings, self.batch_sharding),
+                out_shardings=(self.shardings, self.repl), donate_argnums=0), fast=fast)
+            self.dense_eval_step = _compile(jax.jit(
+                functools.partial(self._eval_loss, dense=True),
+                in_shardings=(self.shardings, self.batch_sharding),
+                out_shardings=self.repl), fast=fast)
 
-    def model(self, state):
-        """The nnx model with ``state``'s parameters and permutations (for ``summary``)."""
-        return nnx.merge(self.graphdef, state["params"], state["bimask"])
+    def is_dense(self, step: int) -> bool:
+        """Whether training step ``step`` (0-based) is a dense-finish step."""
+        return self.dense_start is not None and step >= self.dense_start
+
+    def step_fn(self, step: int):
+        """The compiled train step for training step ``step`` (0-based): sparse, or dense from
+        ``dense_start`` on (also after a resume past it)."""
+        return self.dense_train_step if self.is_dense(step) else self.train_step
+
+    def eval_fn(self, done: int):
+        """The compiled eval step of the state after ``done`` steps: dense once a step was."""
+        return self.dense_eval_step if self.is_dense(done - 1) else self.eval_step
+
+    def model(self, state, dense: bool = False):
+        """The nnx model with ``state``'s parameters and permutations (for ``summary``);
+        ``dense``: with dense products (the dense finish)."""
+        return nnx.merge(self.dense_graphdef if dense else self.graphdef, state["params"],
+                         state["bimask"])
 
     def refreshed(self, state):
         """``state["bimask"]`` after the refresh of ``state["step"]`` (when due)."""
@@ -417,23 +546,52 @@ class Trainer:
                              self.perm_blocks, self.mesh)
         return nnx.state(model, bimask_jax.BimaskState)
 
-    def loss(self, params, bimask, batch):
-        logits = nnx.merge(self.graphdef, params, bimask)(batch["x"])
+    def with_wgrad_keys(self, state, bimask):
+        """``bimask`` with this step's MVUE keys (``--wgrad mvue``;
+        :func:`bimask_jax.set_wgrad_key` with ``train.loop.wgrad_step_key(rng, step)``, as the CNN
+        scripts); unchanged otherwise. The keys are replicated: every device draws its tokens'
+        part of the same estimate (``jax_threefry_partitionable``)."""
+        if self.args.method == "dense" or self.args.wgrad != "mvue":
+            return bimask
+        model = nnx.merge(self.graphdef, state["params"], bimask)
+        return bimask_jax.set_wgrad_key(wgrad_step_key(state["rng"], state["step"]), model)
+
+    def loss(self, params, bimask, batch, dense: bool = False):
+        graphdef = self.dense_graphdef if dense else self.graphdef
+        logits = nnx.merge(graphdef, params, bimask)(batch["x"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
-    def _train_step(self, state, batch):
-        bimask = self.refreshed(state)
-        loss, grads = jax.value_and_grad(self.loss)(state["params"], bimask, batch)
+    def _train_step(self, state, batch, dense: bool = False):
+        """One optimizer step. Sparse: the refresh when due, this step's MVUE keys, forward and
+        backward, the update, then (``--track-flips``) the flip rates of the updated kernels
+        (metrics ``flip_rate``, ``flip_steps`` 1 and ``flip_layers``). ``dense``: the dense-finish
+        step (dense products; no refresh, keys or flip tracking: flip metrics 0 with
+        ``flip_steps`` 0)."""
+        bimask = state["bimask"] if dense else self.with_wgrad_keys(state, self.refreshed(state))
+        loss, grads = jax.value_and_grad(self.loss)(state["params"], bimask, batch, dense)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "lr": self.schedule(state["step"]),
                    "grad_norm": optax.tree.norm(grads)}
+        if self.args.method != "dense" and self.args.track_flips:
+            model = nnx.merge(self.graphdef, params, bimask)
+            if dense:
+                rates = {"/".join(map(str, p)): jnp.float32(0.0) for p, _, _ in
+                         sparse_layers(model)}
+                metrics.update(flip_rate=jnp.float32(0.0), flip_steps=jnp.float32(0.0),
+                               flip_layers=rates)
+            else:
+                rates, agg = track_flips(model)
+                bimask = nnx.state(model, bimask_jax.BimaskState)
+                metrics.update(flip_rate=agg, flip_steps=jnp.float32(1.0), flip_layers=rates)
         return {"step": state["step"] + 1, "params": params, "bimask": bimask, "opt": opt,
                 "rng": state["rng"]}, metrics
 
-    def grads(self, state, batch):
-        """(loss, grads) of ``batch`` at ``state`` after its refresh (tests)."""
-        return jax.value_and_grad(self.loss)(state["params"], self.refreshed(state), batch)
+    def grads(self, state, batch, dense: bool = False):
+        """(loss, grads) of ``batch`` at ``state`` as its train step computes them: after its
+        refresh and with its MVUE keys (sparse), or dense (tests)."""
+        bimask = state["bimask"] if dense else self.with_wgrad_keys(state, self.refreshed(state))
+        return jax.value_and_grad(self.loss)(state["params"], bimask, batch, dense)
 
     def masks(self, state) -> dict:
         """``{layer path: (fwd, bwd)}`` of every sparse layer, computed as the train step computes
@@ -448,8 +606,8 @@ class Trainer:
             out["/".join(map(str, path))] = (fwd, bwd)
         return out
 
-    def _eval_loss(self, state, batch):
-        return self.loss(state["params"], state["bimask"], batch)
+    def _eval_loss(self, state, batch, dense: bool = False):
+        return self.loss(state["params"], state["bimask"], batch, dense)
 
     def put_batch(self, local: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
@@ -505,15 +663,44 @@ def retained_fraction(trainer: Trainer, state) -> dict:
             "efficacy": float(np.mean([r["efficacy"] for r in rows]))}
 
 
+@dataclasses.dataclass
+class FlipWindow:
+    """``--track-flips`` between two evaluations: each step's per-layer flip rates, aggregate
+    and sparse-step count (0 in the dense finish) summed on the device (:meth:`add`);
+    :meth:`take` returns the means over the sparse steps and resets."""
+
+    sums: dict | None = None
+
+    def add(self, layers, aggregate, steps) -> None:
+        if layers is None:
+            return
+        new = {"layers": layers, "agg": aggregate, "steps": steps}
+        self.sums = new if self.sums is None else jax.tree.map(jnp.add, self.sums, new)
+
+    def take(self) -> dict:
+        """``{"flip_rate": mean aggregate per sparse step, "flip_rates": {layer: mean},
+        "flip_steps": sparse steps}`` (rates None when no sparse step was tracked), then
+        resets."""
+        sums, self.sums = (None if self.sums is None else jax.device_get(self.sums)), None
+        steps = 0 if sums is None else int(sums["steps"])
+        if not steps:
+            return {"flip_rate": None, "flip_rates": None, "flip_steps": steps}
+        rates = {k: float(v) / steps for k, v in sums["layers"].items()}
+        return {"flip_rate": float(sums["agg"]) / steps, "flip_rates": rates, "flip_steps": steps}
+
+
 def evaluate(trainer: Trainer, state, val) -> float:
+    """Mean validation loss over ``--eval-batches`` fixed batches (dense products once a
+    dense-finish step was taken)."""
     args = trainer.args
+    eval_step = trainer.eval_fn(int(state["step"]))
     total = 0.0
     for local in text_data.val_batches(val, seed=args.seed, num_batches=args.eval_batches,
                                        batch_size=args.batch_size,
                                        block_size=trainer.gcfg.block_size,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-        total += float(trainer.eval_step(state, trainer.put_batch(local)))
+        total += float(eval_step(state, trainer.put_batch(local)))
     return total / max(args.eval_batches, 1)
 
 
@@ -522,13 +709,7 @@ def main(argv=None) -> dict:
     if args.distributed:
         jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                    num_processes=args.num_processes, process_id=args.process_id)
-    for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "refresh_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.mask_update == "refresh" and args.method != "transposable":
-        raise ValueError(f"--mask-update refresh (Hu et al.'s periodic update of the stored "
-                         f"transposable mask) needs --method transposable, got --method "
-                         f"{args.method}")
+    check_flags(args)
     tokens, data_vocab = text_data.load_tokens(args.data)
     is_bin = args.data.endswith(".bin")
     overrides = {}
@@ -573,37 +754,60 @@ def main(argv=None) -> dict:
 
     def meta():
         return {"step": int(state["step"]), "mesh": mesh_shape, "method": args.method,
-                "preset": args.preset, "seed": args.seed, "perm_blocks": trainer.perm_blocks}
+                "preset": args.preset, "seed": args.seed, "perm_blocks": trainer.perm_blocks,
+                "wgrad": args.wgrad, "dense_finish": args.dense_finish,
+                "dense_start": trainer.dense_start, "track_flips": args.track_flips}
 
     step = int(state["step"])
     t_start = time.time()
     t_log, n_timed, acc, compiled, val_loss, stopped = time.time(), 0, None, False, None, False
+    n_acc = 0
     tokens_per_step = args.batch_size * gcfg.block_size
+    flips = FlipWindow()
     while step < args.steps:
         local = text_data.batch_at(train_tok, seed=args.seed, step=step,
                                    batch_size=args.batch_size, block_size=gcfg.block_size,
                                    process_index=pidx, process_count=jax.process_count())
-        state, metrics = trainer.train_step(state, trainer.put_batch(local))
+        if trainer.dense_start is not None and step == trainer.dense_start:
+            log.record("dense_finish", step=step, steps=args.steps,
+                       fraction=args.dense_finish)
+            log.print(f"dense finish: steps {step}..{args.steps - 1} run dense products")
+            compiled = False  # the dense step compiles now: leave it out of tokens/s
+        state, metrics = trainer.step_fn(step)(state, trainer.put_batch(local))
         step += 1
+        flips.add(metrics.pop("flip_layers", None), metrics.get("flip_rate"),
+                  metrics.get("flip_steps"))
         acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+        n_acc += 1
         n_timed += 1
-        if not compiled:  # tokens/s leaves out the first step (compilation)
+        if not compiled:  # tokens/s leaves out a step that compiled
             jax.block_until_ready(state)
-            compiled, t_log, n_timed, acc = True, time.time(), 0, None
-        if acc is not None and (step % args.log_every == 0 or step == args.steps):
-            m = {k: float(v) / n_timed for k, v in jax.device_get(acc).items()}
+            compiled, t_log, n_timed = True, time.time(), 0
+        if step % args.log_every == 0 or step == args.steps:
+            m = {k: float(v) for k, v in jax.device_get(acc).items()}
+            mean = {k: v / n_acc for k, v in m.items()}
             dt = time.time() - t_log
-            tps = n_timed * tokens_per_step / dt
-            log.bar(0, 1, step, args.steps, loss=m["loss"], lr=m["lr"], **{"tok/s": round(tps)})
-            log.record("train", step=step, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
-                       tokens_per_s=tps, seconds=round(time.time() - t_start, 2))
-            t_log, n_timed, acc = time.time(), 0, None
+            tps = n_timed * tokens_per_step / dt if n_timed else None
+            extra = {}
+            if "flip_steps" in m:  # mean aggregate flip rate of the window's sparse steps
+                extra["flip_rate"] = (m["flip_rate"] / m["flip_steps"] if m["flip_steps"]
+                                      else None)
+            log.bar(0, 1, step, args.steps, loss=mean["loss"], lr=mean["lr"],
+                    **({"tok/s": round(tps)} if tps else {}))
+            log.record("train", step=step, loss=mean["loss"], lr=mean["lr"],
+                       grad_norm=mean["grad_norm"], tokens_per_s=tps,
+                       seconds=round(time.time() - t_start, 2), **extra,
+                       **({"dense_finish": True} if trainer.is_dense(step - 1) else {}))
+            t_log, n_timed, n_acc, acc = time.time(), 0, 0, None
         if step % args.eval_every == 0 or step == args.steps:
             t_eval = time.time()
             val_loss = evaluate(trainer, state, val_tok)
-            log.record("eval", step=step, val_loss=val_loss)
+            log.record("eval", step=step, val_loss=val_loss,
+                       **({"dense": True} if trainer.is_dense(step - 1) else {}))
             if args.method == "bimask":
                 log.record("sparsity", step=step, **retained_fraction(trainer, state))
+            if args.track_flips and args.method != "dense":
+                log.record("flips", step=step, **flips.take())
             log.print(f"step {step}/{args.steps}: val loss {val_loss:.4f}")
             t_log += time.time() - t_eval  # evaluation time is not training time
         if args.stop_after_steps and step >= args.stop_after_steps and step < args.steps:
@@ -615,7 +819,9 @@ def main(argv=None) -> dict:
             save_checkpoint(ckpt, state, meta())
     ckpt.close()
     summary = {"preset": args.preset, "method": args.method, "n": args.n, "m": args.m,
-               "search": args.search, "mask_update": args.mask_update, "step": step,
+               "search": args.search, "mask_update": args.mask_update, "wgrad": args.wgrad,
+               "dense_finish": args.dense_finish, "dense_start": trainer.dense_start,
+               "track_flips": args.track_flips, "step": step,
                "params": trainer.n_params,
                "final_val_loss": val_loss, "mesh": mesh_shape, "seed": args.seed,
                "seconds": round(time.time() - t_start, 1), "stopped_early": stopped,
