@@ -3,15 +3,22 @@ same budget.
 
 Methods (``--methods``, default all): ``dense``, ``srste``, ``transposable``, ``bimask-noperm``
 (Bi-Mask with 0 candidates: the identity permutation), ``bimask`` (the paper's search: 100 random
-candidates every 100 steps) and ``bimask-stripe`` (the stripe local search). Each run is
+candidates every 100 steps) and ``bimask-stripe`` (the stripe local search); and the methods after
+Bi-Mask (issue 17, the configurations of ``benchmarks/lm_compare.py``): ``sste`` (S-STE),
+``srste-mvue``, ``bimask-mvue`` and ``transposable-mvue`` (``--wgrad mvue``: the weight gradient from
+the unbiased N:M estimate of the output gradient), ``transposable-hu`` (the transposable mask kept
+and recomputed every 40 steps, Hu et al.'s schedule) and ``bimask-densefinish`` (the last 20% of
+the steps dense). ``bimask-mvue`` and ``transposable-mvue`` make all three products of a layer N:M
+(``ALL_THREE_NM``). ``--track-flips`` records the forward-mask flip rate of the sparse runs. Each run is
 ``train/cifar.py`` in this process, on an ImageFolder subset (``--train-per-class``,
 ``--test-per-class``: symbolic links into the extracted data, first images of each class in name
 order) so that a CPU budget can be chosen from a measurement.
 
 Writes one JSON line per run to ``--out`` (method, N:M, seed, epochs, final/best top-1, wall time,
-mean retained fraction and search efficacy of the Bi-Mask layers at the end), a Markdown summary
-table (mean and spread per method) beside it, and with ``--plots`` two PNGs: test top-1 per epoch
-per method, and the backward mask's retained fraction per epoch for the Bi-Mask variants.
+mean retained fraction and search efficacy of the Bi-Mask layers at the end, flip rate), a
+Markdown summary table (mean and spread per method) beside it, and with ``--plots`` two PNGs: test
+top-1 per epoch per method, and the backward mask's retained fraction per epoch for the Bi-Mask
+variants.
 
     python benchmarks/compare_methods.py --data $DATA/cifar10-jpeg.tar.gz \\
         --work-dir /tmp/bimask-compare --seeds 0 1 --epochs 10 --train-per-class 1000 \\
@@ -45,7 +52,21 @@ METHODS = {
     "bimask-noperm": ["--method", "bimask", "--num-candidates", "0"],
     "bimask": ["--method", "bimask", "--search", "random", "--num-candidates", "100"],
     "bimask-stripe": ["--method", "bimask", "--search", "stripe"],
+    # The methods after Bi-Mask (issue 17), as in benchmarks/lm_compare.py:
+    "sste": ["--method", "sste"],
+    "srste-mvue": ["--method", "srste", "--wgrad", "mvue"],
+    "bimask-mvue": ["--method", "bimask", "--search", "random", "--num-candidates", "100",
+                    "--wgrad", "mvue"],
+    "transposable-mvue": ["--method", "transposable", "--wgrad", "mvue"],
+    "transposable-hu": ["--method", "transposable", "--mask-update", "refresh",
+                        "--refresh-every", "40"],
+    "bimask-densefinish": ["--method", "bimask", "--search", "random", "--num-candidates", "100",
+                           "--dense-finish", "0.2"],
 }
+# Forward (x W), backward-data (g W^T) and weight-gradient (x^T g) products all N:M: the
+# backward-data mask is N:M along C (bimask: after its permutation; transposable: both axes) and
+# the weight gradient uses the N:M MVUE estimate of g along the batch and spatial positions.
+ALL_THREE_NM = ("bimask-mvue", "transposable-mvue")
 
 
 # Flags per --semantics (see the module docstring); "bimask" candidates are set per semantics.
@@ -60,7 +81,7 @@ CANDIDATES = {"ours": "100", "reference": "10"}
 def method_flags(method: str, semantics: str) -> list[str]:
     """The train/cifar.py flags of ``method`` under ``semantics``."""
     flags = list(METHODS[method])
-    if method == "bimask":
+    if "random" in flags and "--num-candidates" in flags:  # the paper's search: bimask, bimask-*
         flags[flags.index("--num-candidates") + 1] = CANDIDATES[semantics]
     return flags + SEMANTICS[semantics]
 
@@ -110,6 +131,16 @@ def subset_tree(root: str, work_dir: str, train_per_class: int, test_per_class: 
     return out
 
 
+def flip_rate(sparsity: list[dict]) -> float | None:
+    """The mean per-step forward-mask flip rate over the sparse steps of a run, from its
+    per-epoch ``sparsity`` records (each the mean over its ``flip_steps`` steps); None without
+    flip tracking or sparse steps."""
+    recs = [(s["flip_rate"], s["flip_steps"]) for s in sparsity
+            if s.get("flip_rate") is not None and s.get("flip_steps")]
+    steps = sum(n for _, n in recs)
+    return sum(r * n for r, n in recs) / steps if steps else None
+
+
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
     evals, sparsity = [], []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -131,8 +162,8 @@ def summarize(rows: list[dict]) -> str:
     dense = {r["seed"]: r["final_top1"] for r in rows if r["method"] == "dense"}
     lines = [
         "| N:M | method | seeds | final top-1 (mean ± std) | best top-1 (mean) | min-max final "
-        "| final - dense, same seed (mean) | retained (mean) | minutes per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| final - dense, same seed (mean) | retained (mean) | flip rate (mean) | minutes per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (nm, method), rs in sorted(groups.items()):
         fin = [r["final_top1"] for r in rs]
@@ -140,13 +171,15 @@ def summarize(rows: list[dict]) -> str:
         std = statistics.stdev(fin) if len(fin) > 1 else 0.0
         ret = [r["retained"] for r in rs if r["retained"] is not None]
         ret_cell = f"{statistics.mean(ret):.4f}" if ret else "-"
+        flips = [r["flip_rate"] for r in rs if r.get("flip_rate") is not None]
+        flip_cell = f"{statistics.mean(flips):.4f}" if flips else "-"
         diffs = [r["final_top1"] - dense[r["seed"]] for r in rs if r["seed"] in dense]
         diff_cell = "-" if method == "dense" or not diffs else f"{statistics.mean(diffs):+.2f}"
         minutes = statistics.mean(r["seconds"] for r in rs) / 60
         lines.append(
             f"| {nm} | {method} | {len(rs)} | {statistics.mean(fin):.2f} ± {std:.2f} | "
             f"{statistics.mean(best):.2f} | {min(fin):.2f}-{max(fin):.2f} | {diff_cell} | "
-            f"{ret_cell} | {minutes:.1f} |"
+            f"{ret_cell} | {flip_cell} | {minutes:.1f} |"
         )
     return "\n".join(lines)
 
@@ -160,7 +193,8 @@ def _line_plot(rows: list[dict], curve: str, value: str, ylabel: str, path: str)
     import matplotlib.pyplot as plt
 
     nms = sorted({r["nm"] for r in rows if r["method"] != "dense"}) or ["2:4"]
-    colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    tab20 = plt.get_cmap("tab20").colors  # dark shades for the first 10 methods, then light
+    colours = {m: tab20[(2 * i) % 20 + (i >= 10)] for i, m in enumerate(METHODS)}
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(nms), figsize=(6.5 * len(nms), 4.5), squeeze=False)
     for ax, nm in zip(axes[0], nms, strict=True):
@@ -221,6 +255,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--train-per-class", type=int, default=0, help="0: all")
     p.add_argument("--test-per-class", type=int, default=0, help="0: all")
     p.add_argument("--plots", action="store_true")
+    p.add_argument("--track-flips", action="store_true",
+                   help="pass --track-flips to the sparse runs: their forward-mask flip rate")
     p.add_argument("--semantics", default="ours", choices=list(SEMANTICS),
                    help="ours: the first comparison's settings; reference: the authors' code's")
     args = p.parse_args(argv)
@@ -285,6 +321,7 @@ def main(argv=None) -> list[dict]:
                     run_dir,
                     "--no-progress",
                     *method_flags(method, args.semantics),
+                    *(["--track-flips"] if args.track_flips and method != "dense" else []),
                     *extra,
                 ]
                 summary = cifar.main(flags)
@@ -303,12 +340,14 @@ def main(argv=None) -> list[dict]:
                     "seconds": summary["seconds"],
                     "retained": final.get("retained"),
                     "efficacy": final.get("efficacy"),
+                    "flip_rate": flip_rate(sparsity),
                     "train_per_class": args.train_per_class,
                     "test_per_class": args.test_per_class,
                     "extra_flags": extra,
                     "curve": [{"epoch": e["epoch"], "top1": e["top1"]} for e in evals],
                     "retained_curve": [
                         {"epoch": s["epoch"], "retained": s["retained"]} for s in sparsity
+                        if s.get("retained") is not None  # flip-only records of other methods
                     ],
                 }
                 rows.append(row)

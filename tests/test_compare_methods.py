@@ -44,6 +44,7 @@ def test_summary_table_mean_and_spread():
             "final_top1": final,
             "best_top1": final + 1,
             "retained": 0.8 if method == "bimask" else None,
+            "flip_rate": 0.004 + 0.002 * seed if method == "bimask" else None,
             "seconds": 60.0,
         }
 
@@ -52,9 +53,20 @@ def test_summary_table_mean_and_spread():
     table = cm.summarize(rows)
     # paired differences: 70 - 71 and 72 - 74, mean -1.5
     assert (
-        "| 2:4 | bimask | 2 | 71.00 ± 1.41 | 72.00 | 70.00-72.00 | -1.50 | 0.8000 | 1.0 |" in table
+        "| 2:4 | bimask | 2 | 71.00 ± 1.41 | 72.00 | 70.00-72.00 | -1.50 | 0.8000 | 0.0050 | 1.0 |"
+        in table
     )
-    assert "| 2:4 | dense | 2 | 72.50 ± 2.12 | 73.50 | 71.00-74.00 | - | - | 1.0 |" in table
+    assert "| 2:4 | dense | 2 | 72.50 ± 2.12 | 73.50 | 71.00-74.00 | - | - | - | 1.0 |" in table
+
+
+def test_flip_rate_is_the_mean_over_sparse_steps():
+    """Per-epoch records hold the mean over their flip_steps; the run's rate weights by them and
+    leaves out dense-finish epochs (flip_steps 0) and runs without flip tracking."""
+    recs = [{"flip_rate": 0.01, "flip_steps": 30}, {"flip_rate": 0.02, "flip_steps": 10},
+            {"flip_rate": None, "flip_steps": 0}]
+    assert cm.flip_rate(recs) == pytest.approx((0.01 * 30 + 0.02 * 10) / 40)
+    assert cm.flip_rate([{"retained": 0.8, "efficacy": 0.1}]) is None
+    assert cm.flip_rate([]) is None
 
 
 def test_plots_one_panel_per_nm(tmp_path):
@@ -108,3 +120,25 @@ def test_every_method_flag_set_parses(semantics):
         assert cfg.method == cm.METHODS[method][1]
     assert cifar.parse(["--dataset", "digits",
                         *cm.method_flags("bimask-noperm", semantics)]).num_candidates == 0
+
+
+@pytest.mark.parametrize("semantics", sorted(cm.SEMANTICS))
+def test_methods_after_bimask_flags(semantics):
+    """The issue-17 configurations set what their names say; the Bi-Mask ones use the paper's
+    search with the semantics' candidate count, like ``bimask``."""
+    from train import cifar
+
+    def cfg(method):
+        return cifar.parse(["--dataset", "digits", *cm.method_flags(method, semantics)])
+
+    plain = cfg("bimask")
+    for name in ("bimask-mvue", "bimask-densefinish"):
+        c = cfg(name)
+        assert (c.method, c.search, c.num_candidates) == ("bimask", "random", plain.num_candidates)
+    assert cfg("bimask-mvue").wgrad == "mvue" and cfg("bimask-densefinish").dense_finish == 0.2
+    assert cfg("sste").method == "sste" and cfg("sste").wgrad == "dense"
+    assert (cfg("srste-mvue").method, cfg("srste-mvue").wgrad) == ("srste", "mvue")
+    hu = cfg("transposable-hu")
+    assert (hu.method, hu.mask_update, hu.refresh_every) == ("transposable", "refresh", 40)
+    for name in cm.ALL_THREE_NM:
+        assert cfg(name).wgrad == "mvue" and cfg(name).method in ("bimask", "transposable")
