@@ -3,7 +3,8 @@
 Every check raises ``ValueError`` naming the offending parameter and the rule it breaks. Checks look
 at static information (shapes, dtypes, Python numbers), so they run unchanged under ``jit``, ``vmap``
 and ``grad``; the one value check, "is ``perm`` a permutation?", runs in Python on concrete arrays
-and in the graph (:func:`safe_perm`) on traced ones.
+and in the graph (:func:`safe_perm`) on traced ones, reported under ``checkify`` when the
+caller asks for it (:func:`report_perm`).
 """
 
 from __future__ import annotations
@@ -113,15 +114,30 @@ def check_perm(perm, c: int, name: str = "perm"):
     return perm
 
 
-def safe_perm(perm, name: str = "perm"):
+def safe_perm(perm, name: str = "perm", *, report: bool = False):
     """In the graph: ``perm`` if it is a permutation of ``range(C)``, else the identity ``arange(C)``.
 
     The fallback keeps every mask built from it valid (N:M after its permutation, a subset of the
-    forward mask). Under ``jax.experimental.checkify.checkify`` an invalid ``perm`` is reported as an
-    error instead (a ``checkify.debug_check``, a no-op otherwise). int32 ``(C,)``.
+    forward mask). ``report=True`` adds a ``checkify.debug_check``: under
+    ``jax.experimental.checkify.checkify`` an invalid ``perm`` is then reported as an error (a no-op
+    otherwise). That check is a JAX effect, and a ``jit`` whose graph has an effect leaves JAX's C++
+    dispatch path: every call then goes through Python (for a train step with a hundred
+    arguments that costs more than the masks, ``train/LM.md``). So it is added only for traced
+    permutations given to the public functions (:func:`report_perm`), never in the Flax layers'
+    steps. int32 ``(C,)``.
     """
     perm = jnp.asarray(perm, jnp.int32)
     ident = jnp.arange(perm.shape[0], dtype=jnp.int32)
     valid = jnp.all(jnp.sort(perm) == ident)
-    checkify.debug_check(valid, f"{name} is not a permutation of range({perm.shape[0]})")
+    if report:
+        checkify.debug_check(valid, f"{name} is not a permutation of range({perm.shape[0]})")
     return jnp.where(valid, perm, ident)
+
+
+def report_perm(perm, checkify_perm) -> bool:
+    """Whether a public function's in-graph fallback for ``perm`` also reports it under checkify
+    (:func:`safe_perm`): only for a traced ``perm`` (a concrete one was checked in Python by
+    :func:`check_perm`) and ``checkify_perm=True``."""
+    if not isinstance(checkify_perm, bool):
+        raise ValueError(f"checkify_perm must be a bool, got {checkify_perm!r}")
+    return checkify_perm and isinstance(perm, jax.core.Tracer)

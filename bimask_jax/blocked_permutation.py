@@ -60,6 +60,7 @@ def search_blocked_permutation(
     iterations: int = 100,
     kick: int = 0,
     chunk_size: int | None = None,
+    checkify_perm: bool = True,
 ):
     """The best block-diagonal output-column permutation of Bi-Mask's backward mask.
 
@@ -79,7 +80,8 @@ def search_blocked_permutation(
         block-diagonal when concrete; under ``jit`` a non-block-diagonal ``init`` is not detected
         and its entries are taken modulo the block size (the result is still a block-diagonal
         permutation whenever ``init`` is one).
-      method, num_candidates, iterations, kick, chunk_size: as in ``search_permutation``.
+      method, num_candidates, iterations, kick, chunk_size, checkify_perm: as in
+        ``search_permutation``.
 
     Returns:
       int32 ``(C,)``, block-diagonal: ``out[i] // (C / B) == i // (C / B)``.
@@ -109,7 +111,8 @@ def search_blocked_permutation(
 
     def one(key, wb, pb):
         return search_permutation(key, wb, n, m, num_candidates, init=pb, chunk_size=chunk_size,
-                                  method=method, iterations=iterations, kick=kick)
+                                  method=method, iterations=iterations, kick=kick,
+                                  checkify_perm=checkify_perm)
 
     local = jax.vmap(one)(keys, w, local_init).astype(jnp.int32)  # (B, cb)
     offsets = (jnp.arange(blocks, dtype=jnp.int32) * cb)[:, None]

@@ -44,6 +44,7 @@ from bimask_jax._checks import (
     check_mask,
     check_nm,
     check_perm,
+    report_perm,
     safe_perm,
 )
 
@@ -185,21 +186,23 @@ def _inverse(perm):
     return jnp.zeros((c,), jnp.int32).at[perm].set(jnp.arange(c, dtype=jnp.int32))
 
 
-@jax.jit
-def _inverse_jit(perm):
-    return _inverse(safe_perm(perm))
+@functools.partial(jax.jit, static_argnames=("report",))
+def _inverse_jit(perm, report: bool):
+    return _inverse(safe_perm(perm, report=report))
 
 
-def inverse_permutation(perm):
+def inverse_permutation(perm, *, checkify_perm: bool = True):
     """``inv`` with ``inv[perm[i]] = i``; int32 ``(C,)``. Pure, O(C).
 
     ``perm``: integer ``(C,)``, a permutation of ``range(C)`` (``ValueError`` when concrete and not
-    one; traced, an invalid ``perm`` is replaced by the identity, see ``backward_mask``).
+    one; traced, an invalid ``perm`` is replaced by the identity, see ``backward_mask``, which also
+    explains ``checkify_perm``).
     """
     shape = np.shape(perm)
     if len(shape) != 1:
         raise ValueError(f"perm must be 1-D, got shape {shape}")
-    return _inverse_jit(check_perm(perm, shape[0]))
+    perm = check_perm(perm, shape[0])
+    return _inverse_jit(perm, report=report_perm(perm, checkify_perm))
 
 
 def _take_columns(a, idx):
@@ -257,9 +260,9 @@ def _backward_key(w2, f2):
     return jax.lax.stop_gradient(jnp.where(f2, _magnitude(w2), -1.0))
 
 
-def _backward(kernel, fwd, perm, n: int, m: int, k_order: str):
+def _backward(kernel, fwd, perm, n: int, m: int, k_order: str, report: bool = False):
     c = kernel.shape[-1]
-    perm = jnp.arange(c, dtype=jnp.int32) if perm is None else safe_perm(perm)
+    perm = jnp.arange(c, dtype=jnp.int32) if perm is None else safe_perm(perm, report=report)
     if c % m == 0:  # groups within rows: the row order (k_order) does not matter
         return _backward_rows(kernel.reshape(-1, c), fwd.reshape(-1, c), perm, n, m).reshape(
             kernel.shape
@@ -268,10 +271,11 @@ def _backward(kernel, fwd, perm, n: int, m: int, k_order: str):
     return _from_matrix(_backward_flat(w2, f2, perm, n, m), kernel.shape, k_order)
 
 
-_backward_jit = jax.jit(_backward, static_argnames=("n", "m", "k_order"))
+_backward_jit = jax.jit(_backward, static_argnames=("n", "m", "k_order", "report"))
 
 
-def backward_mask(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi"):
+def backward_mask(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi",
+                  checkify_perm: bool = True):
     """Backward mask Mb of Bi-Mask.
 
     Permutes the output columns of the ``(K, C)`` matrix of ``kernel`` by ``perm``, keeps the ``n``
@@ -289,7 +293,7 @@ def backward_mask(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi"):
     ``ValueError``. Under ``jit`` (a traced ``perm``) it cannot be checked in Python: the mask is then
     computed with the identity permutation instead, so the result is still a valid backward mask
     (N:M after its permutation, a subset of ``fwd``); wrap the call in
-    ``jax.experimental.checkify.checkify`` to get an error for it instead.
+    ``jax.experimental.checkify.checkify`` to get an error for it instead (``checkify_perm``).
 
     Args:
       kernel: floating ``(K, C)`` or ``(*window, Cin, C)``; ``"hwi"``: ``Cin % m == 0`` and
@@ -297,6 +301,10 @@ def backward_mask(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi"):
       fwd: bool, ``kernel.shape`` (the forward mask).
       perm: integer ``(C,)`` (array, list or tuple), a permutation of ``range(C)``.
       k_order: ``"hwi"`` (default) or ``"ihw"``; only matters when ``C % m != 0``.
+      checkify_perm: with a traced ``perm``, also report an invalid one under ``checkify``
+        (default ``True``). The report is a ``checkify.debug_check``, a JAX effect: a ``jit`` that
+        contains it dispatches through Python on every call (milliseconds for a whole train
+        step). ``False``: the identity fallback alone, no effect (what the Flax layers use).
 
     Returns:
       bool mask of ``kernel.shape``, a subset of ``fwd``.
@@ -306,7 +314,8 @@ def backward_mask(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi"):
     _check_layer_kernel(kernel, m, k_order, need_output=True)
     check_mask("fwd", fwd, kernel.shape)
     perm = check_perm(perm, kernel.shape[-1])
-    return _backward_jit(kernel, fwd, perm, n=n, m=m, k_order=k_order)
+    return _backward_jit(kernel, fwd, perm, n=n, m=m, k_order=k_order,
+                         report=report_perm(perm, checkify_perm))
 
 
 @functools.cache
@@ -412,15 +421,16 @@ def transposable_mask(kernel, n: int, m: int, *, k_order: str = "hwi"):
     return _transposable_jit(kernel, n=n, m=m, k_order=k_order)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "method", "k_order"))
-def _layer_masks_jit(kernel, perm, n: int, m: int, method: str, k_order: str):
+@functools.partial(jax.jit, static_argnames=("n", "m", "method", "k_order", "report"))
+def _layer_masks_jit(kernel, perm, n: int, m: int, method: str, k_order: str, report: bool):
     fwd = _forward(kernel, n, m, k_order)
     if method in ("srste", "sste"):
         return fwd, fwd
-    return fwd, _backward(kernel, fwd, perm, n, m, k_order)
+    return fwd, _backward(kernel, fwd, perm, n, m, k_order, report)
 
 
-def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, k_order: str = "hwi"):
+def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, k_order: str = "hwi",
+                checkify_perm: bool = True):
     """The ``(fwd, bwd)`` mask pair that a sparse layer uses for its forward and backward-data products.
 
     Args:
@@ -438,11 +448,13 @@ def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, k_order: str 
       perm: int ``(C,)`` for ``"bimask"`` (as in ``backward_mask``, including its safe fallback under
         ``jit``); ``None`` means the identity permutation.
       k_order: ``"hwi"`` (default) or ``"ihw"``: how a conv kernel is read (module docstring).
+      checkify_perm: ``"bimask"`` with a traced ``perm``: as in ``backward_mask``.
 
     Returns:
       ``(fwd, bwd)``, bool arrays of ``kernel.shape``.
     """
     check_choice("method", method, METHODS)
+    report = report_perm(perm, checkify_perm)
     kernel = as_array(kernel)
     if method == "dense":
         check_kernel(kernel)
@@ -458,4 +470,5 @@ def layer_masks(kernel, n: int, m: int, method: str, perm=None, *, k_order: str 
         perm = None
     elif perm is not None:
         perm = check_perm(perm, kernel.shape[-1])
-    return _layer_masks_jit(kernel, perm, n=n, m=m, method=method, k_order=k_order)
+    return _layer_masks_jit(kernel, perm, n=n, m=m, method=method, k_order=k_order,
+                            report=method == "bimask" and report)

@@ -109,7 +109,8 @@ def sparse_dense(x, kernel, fwd, bwd, decay: float, perm=None, precision=None, w
     """The ``backend="pallas"`` body of ``bimask_jax.ops.sparse_dense`` (inputs already checked).
 
     ``perm=None`` means the identity permutation; an invalid traced ``perm`` is replaced by it
-    (``_checks.safe_perm``), so the kernels never read outside the kernel's columns.
+    (``_checks.safe_perm``, not reported under ``checkify``: the masks that ``perm`` came with
+    are where an invalid one is reported), so the kernels never read outside the kernel's columns.
     """
     c = kernel.shape[1]
     perm = jnp.arange(c, dtype=jnp.int32) if perm is None else safe_perm(perm)

@@ -30,6 +30,7 @@ from bimask_jax._checks import (
     check_mask,
     check_nm,
     check_perm,
+    report_perm,
     safe_perm,
 )
 from bimask_jax.local_search import STRIPE_MAX_M, partition_score, stripe_search, swap_search
@@ -63,9 +64,9 @@ def _ft(fwd, m: int, k_order: str):
     return _kept_by_column(fwd, k_order if fwd.shape[-1] % m else "hwi")
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "k_order"))
-def _score_jit(fwd, perm, n: int, m: int, k_order: str):
-    return _score(_ft(fwd, m, k_order), safe_perm(perm), n, m)
+@functools.partial(jax.jit, static_argnames=("n", "m", "k_order", "report"))
+def _score_jit(fwd, perm, n: int, m: int, k_order: str, report: bool):
+    return _score(_ft(fwd, m, k_order), safe_perm(perm, report=report), n, m)
 
 
 def _check_score_args(kernel, fwd, n, m, k_order):
@@ -77,7 +78,8 @@ def _check_score_args(kernel, fwd, n, m, k_order):
     return kernel, n, m
 
 
-def permutation_score(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi"):
+def permutation_score(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi",
+                      checkify_perm: bool = True):
     """Number of forward-kept weights that survive in ``backward_mask(kernel, fwd, perm, n, m)``.
 
     Computed without building the backward mask (see the module docstring); equal to
@@ -89,13 +91,15 @@ def permutation_score(kernel, fwd, perm, n: int, m: int, *, k_order: str = "hwi"
       fwd: bool forward mask of ``kernel.shape``.
       perm: integer ``(C,)`` permutation (array, list or tuple).
       k_order: ``"hwi"`` (default) or ``"ihw"``; only matters when ``C % m != 0``.
+      checkify_perm: with a traced ``perm``, as in ``backward_mask``.
 
     Returns:
       int32 scalar.
     """
     kernel, n, m = _check_score_args(kernel, fwd, n, m, k_order)
     perm = check_perm(perm, kernel.shape[-1])
-    return _score_jit(fwd, perm, n=n, m=m, k_order=k_order)
+    return _score_jit(fwd, perm, n=n, m=m, k_order=k_order,
+                      report=report_perm(perm, checkify_perm))
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "k_order"))
@@ -168,6 +172,7 @@ def search_permutation(
     kick: int = 0,
     k_order: str = "hwi",
     keep_incumbent: bool = True,
+    checkify_perm: bool = True,
 ):
     """Searches the output-column permutation of the backward mask, starting from an incumbent.
 
@@ -221,6 +226,7 @@ def search_permutation(
       keep_incumbent: ``"random"`` only: ``True`` (default) keeps ``init`` unless a candidate is
         strictly better; ``False`` discards it (the reference code; ``num_candidates=0`` still
         returns ``init``). The local searches always start from, and never go below, ``init``.
+      checkify_perm: with a traced ``init``, as in ``backward_mask`` (the report names ``init``).
 
     Returns:
       int32 ``(C,)``, the best permutation found.
@@ -230,6 +236,7 @@ def search_permutation(
     c = kernel.shape[-1]
     if init is not None:
         init = check_perm(init, c, "init")
+    report = report_perm(init, checkify_perm)
     if method == "random":
         num_candidates = check_count("num_candidates", num_candidates, 0)
         if chunk_size is None:
@@ -239,7 +246,7 @@ def search_permutation(
             raise ValueError(f"keep_incumbent must be a bool, got {keep_incumbent!r}")
         return _random_search(
             key, kernel, fwd, init, n=n, m=m, num_candidates=num_candidates,
-            chunk_size=chunk_size, k_order=k_order, keep_incumbent=keep_incumbent,
+            chunk_size=chunk_size, k_order=k_order, keep_incumbent=keep_incumbent, report=report,
         )
     iterations = check_count("iterations", iterations, 0)
     kick = check_count("kick", kick, 0)
@@ -257,14 +264,15 @@ def search_permutation(
         )
     return _local_search(
         key, kernel, fwd, init, n=n, m=m, method=method, iterations=iterations, kick=kick,
-        k_order=k_order,
+        k_order=k_order, report=report,
     )
 
 
-def _start(kernel, fwd, init, n: int, m: int, k_order: str):
+def _start(kernel, fwd, init, n: int, m: int, k_order: str, report: bool):
     """The incumbent (safe, int32) and the (C, K) int8 forward mask of a search."""
     c = kernel.shape[-1]
-    init = jnp.arange(c, dtype=jnp.int32) if init is None else safe_perm(init, "init")
+    init = (jnp.arange(c, dtype=jnp.int32) if init is None
+            else safe_perm(init, "init", report=report))
     if fwd is None:
         fwd = _forward(kernel, n, m, k_order)
     return init, _ft(fwd, m, k_order)
@@ -272,11 +280,12 @@ def _start(kernel, fwd, init, n: int, m: int, k_order: str):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("n", "m", "num_candidates", "chunk_size", "k_order", "keep_incumbent"),
+    static_argnames=("n", "m", "num_candidates", "chunk_size", "k_order", "keep_incumbent",
+                     "report"),
 )
 def _random_search(key, kernel, fwd, init, *, n, m, num_candidates, chunk_size, k_order,
-                   keep_incumbent=True):
-    init, ft = _start(kernel, fwd, init, n, m, k_order)
+                   keep_incumbent=True, report=False):
+    init, ft = _start(kernel, fwd, init, n, m, k_order, report)
     if num_candidates == 0:
         return init
     c = ft.shape[0]
@@ -294,9 +303,12 @@ def _random_search(key, kernel, fwd, init, *, n, m, num_candidates, chunk_size, 
     return jnp.where(scores[best] > _score(ft, init, n, m), draw(keys[best]), init)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "method", "iterations", "kick", "k_order"))
-def _local_search(key, kernel, fwd, init, *, n, m, method, iterations, kick, k_order):
-    init, ft = _start(kernel, fwd, init, n, m, k_order)
+@functools.partial(
+    jax.jit, static_argnames=("n", "m", "method", "iterations", "kick", "k_order", "report")
+)
+def _local_search(key, kernel, fwd, init, *, n, m, method, iterations, kick, k_order,
+                  report=False):
+    init, ft = _start(kernel, fwd, init, n, m, k_order, report)
     if iterations == 0:
         return init
     search = stripe_search if method == "stripe" else swap_search

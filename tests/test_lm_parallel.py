@@ -4,7 +4,8 @@ not leak into other tests):
 * losses, gradients, masks and permutations after a few Bi-Mask steps on meshes (2, 2, 2) and
   (4, 1, 2) equal the single-device run (float tolerance; masks and permutations exactly);
 * parameters and AdamW moments are sharded as the layout says (FSDP + tensor parallel);
-* the compiled train step of the sparse model has no collective the dense model's step lacks,
+* the train step has no JAX effect (it keeps the C++ dispatch path), and the compiled train step
+  of the sparse model has no collective the dense model's step lacks,
   except (Bi-Mask) the candidates' score sums of the row-parallel searches (listed; none may have
   the shape of a kernel, mask or activation) and, in the refresh branch, the gather of a kernel over
   fsdp that the forward pass also does;
@@ -119,6 +120,9 @@ COLLECTIVES = PRELUDE + textwrap.dedent(
         st = tr.init_state
         jitted = jax.jit(tr._train_step, in_shardings=(tr.shardings, tr.batch_sharding),
                          out_shardings=(tr.shardings, tr.repl))
+        # No effect (e.g. a checkify report) in the step: it would leave JAX's C++ dispatch path.
+        effects = jax.make_jaxpr(jitted)(st, batch(tr, 0)).effects
+        assert not effects, (method, search, effects)
         text = jitted.lower(st, batch(tr, 0)).compile(loop.FAST_COMPILE).as_text()
         found = Counter()
         for line in text.splitlines():

@@ -261,7 +261,7 @@ class ShardedSparseOp(bflax.SparseOp):
             if role == "column":
                 p = p - jax.lax.axis_index("model") * w.shape[1]
             return layer_masks(w, cfg.n, cfg.m, method, p if method == "bimask" else None,
-                               k_order=cfg.k_order)
+                               k_order=cfg.k_order, checkify_perm=False)  # no effect in the step
 
         return jax.shard_map(
             local, mesh=self.mesh, in_specs=(spec, P("model") if role == "column" else P()),
@@ -346,8 +346,9 @@ def refresh_permutations(model, key, due, args, perm_blocks: int, mesh) -> None:
     if not layers:
         return
     n, m = args.n, args.m
+    # checkify_perm=False: no effect in the step's graph (it would leave JAX's C++ dispatch path)
     kw = dict(method=args.search, num_candidates=args.num_candidates,
-              iterations=args.search_iterations)
+              iterations=args.search_iterations, checkify_perm=False)
     kernels = [jax.lax.stop_gradient(layer.kernel[...]) for _, layer, _ in layers]
     perms = [op.perm[...] for _, _, op in layers]
 
@@ -370,7 +371,8 @@ def refresh_permutations(model, key, due, args, perm_blocks: int, mesh) -> None:
             else:
                 w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, gpt.COMPUTE["row"]))
                 out.append(search_permutation(k, w, n, m, args.num_candidates, init=p,
-                                              method=args.search, iterations=args.search_iterations))
+                                              method=args.search, iterations=args.search_iterations,
+                                              checkify_perm=False))
         return out
 
     new = jax.lax.cond(due, search, lambda k, ws, ps: list(ps), key, kernels, perms)

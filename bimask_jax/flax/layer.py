@@ -345,7 +345,9 @@ def kernel_masks(kernel, out_size: int, n: int, m: int, method: str, perm=None,
     e.g. in ``model.init``; inlined under an outer ``jit``).
     """
     w2 = layer_matrix(kernel, out_size, k_order)
-    fwd, bwd = layer_masks(w2, n, m, method, perm, k_order=k_order)
+    # No checkify report: its effect would send every train step through Python dispatch; the
+    # layers' permutations come from the searches or from checked state (safe fallback kept).
+    fwd, bwd = layer_masks(w2, n, m, method, perm, k_order=k_order, checkify_perm=False)
     return tuple(from_layer_matrix(x, kernel.shape, out_size, k_order) for x in (fwd, bwd))
 
 
@@ -426,9 +428,10 @@ def search_stacked(keys, kernels, perms, n: int, m: int, num_candidates: int, ch
             return p
         if search != "random":
             return search_permutation(kk, w, n, m, init=p, method=search, iterations=iterations,
-                                      k_order=k_order)
+                                      k_order=k_order, checkify_perm=False)
         return search_permutation(kk, w, n, m, num_candidates, init=p, chunk_size=chunk_size,
-                                  k_order=k_order, keep_incumbent=keep_incumbent)
+                                  k_order=k_order, keep_incumbent=keep_incumbent,
+                                  checkify_perm=False)
 
     return jax.vmap(one)(keys, kernels, perms).astype(jnp.int32)
 
