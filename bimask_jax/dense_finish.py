@@ -5,6 +5,12 @@ pre-training", in its abstract; the paper's equations could not be read here), a
 thu-ml/2by4-pretrain-acc-examples ``v1/nanoGPT/train.py``: every sparse layer
 switches to dense (``p.mode = 'dense'``) at iteration 250000 of 300000, i.e. the last 1/6 of the
 steps; from then on the masks, the masked decay and the sparse products are off.
+
+Counting, checked against that file: the switch comes after iteration 250000's sparse forward,
+backward and masked decay (before its optimizer step), and nanoGPT's loop runs iterations 0 to
+300000 inclusive (it stops once ``iter_num > max_iters``). So their last 50000 updates are dense,
+after 250001 sparse ones. Here ``dense_finish_start(300000, 1/6) == 250000``: the same 50000 dense
+updates, after 250000 sparse ones (their one extra iteration is nanoGPT's loop bound).
 """
 
 from __future__ import annotations

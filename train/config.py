@@ -330,27 +330,10 @@ def build_parser(script: str) -> argparse.ArgumentParser:
                    help="Bi-Mask: iterations of a stripe/swap search per refresh")
     g.add_argument("--kernels", default="xla", choices=["xla", "pallas"],
                    help="sparse matmul backend (pallas: the 2:4 GPU kernels)")
-    g.add_argument("--wgrad", default="dense", choices=list(WGRADS),
-                   help="weight-gradient product of the sparse layers: dense, or mvue (its output "
-                        "gradient replaced by an unbiased N:M estimate along the batch/token axis, "
-                        "Chmiel et al., ICLR 2023; a fresh key every step; needs n <= 2). With "
-                        "bimask or transposable, all three products of a layer are N:M")
-    g.add_argument("--dense-finish", type=float, default=0.0, metavar="FRACTION",
-                   help="train the last FRACTION of the steps dense (Hu et al., ICML 2024): from "
-                        "step total - round(FRACTION x total) on, the sparse layers run dense "
-                        "products of their raw kernels, no permutation refreshes; eval and export "
-                        "after the switch are dense too. 0: off")
-    g.add_argument("--track-flips", action="store_true",
-                   help="log the forward-mask flip rate (fraction of mask entries that changed "
-                        "in a step; Hu et al., ICML 2024): the aggregate in the train lines of "
-                        "metrics.jsonl, per layer in the per-epoch sparsity line (one bool per "
-                        "kernel entry kept in the checkpointed state)")
-    g.add_argument("--mask-update", default="step", choices=list(MASK_UPDATES),
-                   help="transposable: step, the mask recomputed from the kernel at every step; "
-                        "refresh, Hu et al.'s (ICML 2024) periodic update: the mask is kept in "
-                        "the checkpointed state (one bool per kernel entry) and recomputed only "
-                        "at the refresh steps (--refresh-every, --first-refresh; their schedule: "
-                        "--refresh-every 40 --first-refresh start, steps 0, 40, 80, ...)")
+    add_method_options(
+        g, flips_logged="in the train lines of metrics.jsonl, per layer in the per-epoch "
+        "sparsity line", refresh_steps="the refresh steps (--refresh-every, --first-refresh; "
+        "their schedule: --refresh-every 40 --first-refresh start, steps 0, 40, 80, ...)")
 
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", "--job_dir", "--job-dir", dest="run_dir", default=None,
@@ -435,6 +418,42 @@ def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
                          f"{groups}: every BatchNorm group needs batch/R samples")
     if not 0 < values["n"] <= values["m"]:
         raise ValueError(f"--n/--m: N:M needs 0 < n <= m, got n={values['n']}, m={values['m']}")
+    check_method_options(values)
+    return argparse.Namespace(**values)
+
+
+def add_method_options(g, *, flips_logged: str, refresh_steps: str) -> None:
+    """Adds the options of the methods after Bi-Mask (``--wgrad``, ``--dense-finish``,
+    ``--track-flips``, ``--mask-update``) to the argument group ``g``: one definition for the CNN
+    scripts and ``train/lm.py``. ``flips_logged``: where the flip rates go (after "the
+    aggregate"); ``refresh_steps``: the steps at which ``--mask-update refresh`` recomputes."""
+    g.add_argument("--wgrad", default="dense", choices=list(WGRADS),
+                   help="weight-gradient product of the sparse layers: dense, or mvue (its output "
+                        "gradient replaced by an unbiased N:M estimate along the examples: batch, "
+                        "positions, tokens; Chmiel et al., ICLR 2023; a fresh key every step; "
+                        "needs n <= 2). With bimask or transposable, all three products of a "
+                        "layer are N:M")
+    g.add_argument("--dense-finish", type=RULES["dense_finish"], default=0.0, metavar="FRACTION",
+                   help="train the last FRACTION of the steps dense (Hu et al., ICML 2024): from "
+                        "step total - round(FRACTION x total) on, the sparse layers run dense "
+                        "products of their raw kernels (no masks, decay, refreshes or MVUE); "
+                        "evaluation and export after the switch are dense too. 0: off")
+    g.add_argument("--track-flips", action="store_true",
+                   help="log the forward-mask flip rate (fraction of mask entries that changed "
+                        f"in a step; Hu et al., ICML 2024): the aggregate {flips_logged} (one "
+                        "bool per kernel entry kept in the checkpointed state)")
+    g.add_argument("--mask-update", default="step", choices=list(MASK_UPDATES),
+                   help="transposable: step, the mask recomputed from the kernel at every step; "
+                        "refresh, Hu et al.'s (ICML 2024) periodic update: the mask is kept in "
+                        "the checkpointed state (one bool per kernel entry) and recomputed only "
+                        f"at {refresh_steps}")
+
+
+def check_method_options(values: dict) -> None:
+    """The rules between the method flags (ValueError naming the flag), for the CNN scripts and
+    ``train/lm.py``: ``--wgrad``, ``--dense-finish`` and ``--track-flips`` need a sparse method,
+    ``--mask-update refresh`` needs ``--method transposable``, ``--wgrad mvue`` needs ``n <= 2``.
+    ``values``: argparse dests; settings missing from an older run's configuration count as off."""
     method = values.get("method", "bimask")
     if method == "dense":
         for name, off in (("wgrad", "dense"), ("dense_finish", 0.0), ("track_flips", False)):
@@ -447,7 +466,6 @@ def apply_recipe(cfg: argparse.Namespace, family: str) -> argparse.Namespace:
     if values.get("wgrad", "dense") == "mvue" and values["n"] > 2:
         raise ValueError(f"--wgrad mvue keeps 1 or 2 of every m output-gradient entries: it needs "
                          f"--n <= 2, got --n {values['n']}")
-    return argparse.Namespace(**values)
 
 
 def make(script: str, **settings) -> argparse.Namespace:

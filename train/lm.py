@@ -69,7 +69,7 @@ from bimask_jax.masks import layer_masks  # noqa: E402
 from bimask_jax.permutation import search_permutation  # noqa: E402
 from train import text_data  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
-from train.config import RULES, WGRADS  # noqa: E402
+from train.config import RULES, add_method_options, check_method_options  # noqa: E402
 from train.loop import _compile, wgrad_step_key  # noqa: E402
 from train.models import gpt  # noqa: E402
 
@@ -120,25 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="column-parallel layers: blocks of the block-diagonal permutation "
                         "(default: the model axis size; a multiple of it)")
     g.add_argument("--decay", type=float, default=2e-4, help="SR-STE decay on pruned weights")
-    g.add_argument("--mask-update", default="step", choices=["step", "refresh"],
-                   help="transposable: step, the mask recomputed from the kernel at every step; "
-                        "refresh, Hu et al.'s (ICML 2024) periodic update: the mask is kept in the "
-                        "state and recomputed at steps s %% --refresh-every == 0 only (theirs: "
-                        "--refresh-every 40)")
-    g.add_argument("--wgrad", default="dense", choices=list(WGRADS),
-                   help="weight-gradient product of the sparse layers: dense, or mvue (the output "
-                        "gradient replaced by an unbiased N:M estimate along the token axis, "
-                        "Chmiel et al., ICLR 2023; a fresh key every step; needs n <= 2). With "
-                        "bimask or transposable, all three products of a layer are N:M")
-    g.add_argument("--dense-finish", type=DENSE_FINISH, default=0.0, metavar="FRACTION",
-                   help="train the last FRACTION of the steps dense (Hu et al., ICML 2024): from "
-                        "step steps - round(FRACTION x steps) on, the sparse layers run dense "
-                        "products of their raw kernels (no masks, decay, refreshes or MVUE); "
-                        "evaluation after the switch is dense too. 0: off")
-    g.add_argument("--track-flips", action="store_true",
-                   help="log the forward-mask flip rate (fraction of mask entries that changed "
-                        "in a step; Hu et al., ICML 2024): the aggregate in the train records, "
-                        "per layer in a 'flips' record at every evaluation")
+    add_method_options(
+        g, flips_logged="in the train records, per layer in a 'flips' record at every evaluation",
+        refresh_steps="steps s %% --refresh-every == 0 (theirs: --refresh-every 40)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--mesh", default=None,
                    help="D,F,M sizes of the (data, fsdp, model) axes (default: all devices on data)")
@@ -189,18 +173,7 @@ def check_flags(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.n <= args.m:
         raise ValueError(f"--n/--m: N:M needs 0 < n <= m, got n={args.n}, m={args.m}")
-    if args.mask_update == "refresh" and args.method != "transposable":
-        raise ValueError(f"--mask-update refresh (Hu et al.'s periodic update of the stored "
-                         f"transposable mask) needs --method transposable, got --method "
-                         f"{args.method}")
-    if args.method == "dense":
-        for name, off in (("wgrad", "dense"), ("dense_finish", 0.0), ("track_flips", False)):
-            if getattr(args, name) != off:
-                raise ValueError(f"--{name.replace('_', '-')} is an option of the sparse methods, "
-                                 f"got --method dense")
-    if args.wgrad == "mvue" and args.n > 2:
-        raise ValueError(f"--wgrad mvue keeps 1 or 2 of every m output-gradient entries: it needs "
-                         f"--n <= 2, got --n {args.n}")
+    check_method_options(vars(args))
     try:  # the parser's rule, also for a Namespace built in code
         DENSE_FINISH(args.dense_finish)
     except argparse.ArgumentTypeError as e:
